@@ -1,0 +1,64 @@
+"""Burn-down: N noop requests inserted first, then processed by R replicas; jobs per second.
+
+Full bookkeeping: every job gets its DMS_PRCLOG and DMS_JOBLOG rows and its request row moves
+NEW -> CLAIMED -> PROCESSING -> DONE. Fresh local PostgreSQL database; the clock runs from the
+replicas' start to the last request DONE (replica start-up included, reported separately).
+
+    .venv/bin/python bench/burndown.py [--jobs 20000] [--replicas 4] [--slots 4]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+
+import sqlalchemy as sa
+
+from common import REPO, fresh_database, print_table, write_json  # noqa: E402  (sets sys.path)
+from tests.support import Replica, wait_until
+from worker import client
+from worker import schema as s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=20000)
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--slots", type=int, default=4)
+    args = ap.parse_args()
+    url = fresh_database("dms_bench_burndown")
+    engine = sa.create_engine(url)
+    client.register_job(engine, "NOOP", "worker.jobs.builtin:noop", allow_overlap=True)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(s.prcreq), [dict(request_id=str(uuid.uuid4()), mapref="NOOP", request_type="IMMEDIATE")
+                                           for _ in range(args.jobs)])
+    logs = REPO / "bench" / "results"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def done() -> int:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(s.prcreq).where(s.prcreq.c.status == "DONE")).scalar()
+
+    t0 = time.monotonic()
+    replicas = [Replica(url, f"b{i}", logs, SCHEDULER_MAX_WORKERS=args.slots, DMS_LOG_LEVEL="WARNING",
+                        SCHEDULER_POLL_INTERVAL="1").start() for i in range(args.replicas)]
+    try:
+        wait_until(lambda: done() > 0, 120, "the first job")
+        t_first = time.monotonic()
+        wait_until(lambda: done() == args.jobs, 1800, "the burn-down", interval=0.2)
+        t_end = time.monotonic()
+    finally:
+        for r in replicas:
+            r.stop()
+    with engine.connect() as conn:
+        logs_n = conn.execute(sa.select(sa.func.count()).select_from(s.prclog)).scalar()
+        joblogs = conn.execute(sa.select(sa.func.count()).select_from(s.joblog)).scalar()
+    row = {"jobs": args.jobs, "replicas": args.replicas, "slots_each": args.slots,
+           "seconds_from_first_job": round(t_end - t_first, 2), "jobs_per_s": round(args.jobs / (t_end - t_first), 1),
+           "startup_s": round(t_first - t0, 2), "prclog_rows": logs_n, "joblog_rows": joblogs}
+    print_table("Burn-down, noop with full bookkeeping (PostgreSQL)", [row])
+    print(f"\nresults: {write_json('burndown', row)}")
+
+
+if __name__ == "__main__":
+    main()

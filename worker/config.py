@@ -1,0 +1,219 @@
+"""Configuration: the SPEC's environment variables (also read from ``.env``), validated once.
+
+``Config.from_env()`` is the only place that reads the environment. Every invalid value raises
+``ConfigError`` whose message is one line naming the variable; passwords never appear in it,
+nor in ``Config``'s repr or ``safe_url``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import sqlalchemy as sa
+from dotenv import dotenv_values
+
+DEFAULT_SQLITE_FILE = "dms-worker.db"
+
+
+class ConfigError(ValueError):
+    """An invalid setting; ``str()`` is one line that names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str = f"sqlite:///{DEFAULT_SQLITE_FILE}"
+    schema: str | None = None
+    poll_interval: float = 15.0
+    refresh_interval: float = 60.0
+    max_workers: int = 4
+    timezone: str = "UTC"
+    metrics_addr: str = "127.0.0.1"
+    metrics_port: int = 9410
+    heartbeat_interval: float = 1.0
+    rescue_after: float = 8.0
+    shutdown_grace: float = 30.0
+    stop_grace: float = 0.5
+    wakeup: str = "auto"
+    leader_mode: str = "auto"
+    leader_ttl: float = 10.0
+    retention_days: float = 30.0
+    log_level: str = "INFO"
+    log_file: str | None = None
+    log_json: bool = False
+    worker_name: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def safe_url(self) -> str:
+        """The database URL with any password masked, for logs and status output."""
+        return mask_url(self.database_url)
+
+    def __repr__(self) -> str:  # never leak the password through a repr in a traceback
+        fields = ", ".join(
+            f"{f.name}={self.safe_url if f.name == 'database_url' else getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self) if f.repr
+        )
+        return f"Config({fields})"
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path | None = ".env",
+                 **overrides) -> "Config":
+        """Build from ``environ`` (default ``os.environ``) over ``.env``; ``overrides`` win (CLI flags)."""
+        env: dict[str, str] = {}
+        if dotenv_path and Path(dotenv_path).is_file():
+            env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        env.update(os.environ if environ is None else environ)
+        values: dict[str, object] = {"database_url": _database_url(env)}
+        for var, (name, parse) in _VARIABLES.items():
+            raw = env.get(var)
+            if raw is not None and raw.strip() != "":
+                values[name] = _parse(var, raw.strip(), parse)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def mask_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+def _number(convert: Callable[[str], float], raw: str, expected: str) -> float:
+    try:
+        return convert(raw)
+    except ValueError:
+        raise ValueError(f"must be {expected}") from None
+
+
+def _positive_float(raw: str) -> float:
+    value = _number(float, raw, "a number > 0")
+    if not value > 0:
+        raise ValueError("must be a number > 0")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(_number(int, raw, "an integer >= 1"))
+    if value < 1:
+        raise ValueError("must be an integer >= 1")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(_number(int, raw, "a port number 0..65535 (0 turns the endpoint off)"))
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number 0..65535 (0 turns the endpoint off)")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on", "y"):
+        return True
+    if lowered in ("0", "false", "no", "off", "n"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return raw.lower()
+    return parse
+
+
+def _level(raw: str) -> str:
+    if raw.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return raw.upper()
+
+
+_VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
+    "SCHEMA": ("schema", str),
+    "SCHEDULER_POLL_INTERVAL": ("poll_interval", _positive_float),
+    "SCHEDULER_REFRESH_INTERVAL": ("refresh_interval", _positive_float),
+    "SCHEDULER_MAX_WORKERS": ("max_workers", _positive_int),
+    "SCHEDULER_TIMEZONE": ("timezone", str),
+    "DMS_METRICS_ADDR": ("metrics_addr", str),
+    "DMS_METRICS_PORT": ("metrics_port", _port),
+    "DMS_HEARTBEAT_INTERVAL": ("heartbeat_interval", _positive_float),
+    "DMS_RESCUE_AFTER": ("rescue_after", _positive_float),
+    "DMS_SHUTDOWN_GRACE": ("shutdown_grace", _positive_float),
+    "DMS_STOP_GRACE": ("stop_grace", _positive_float),
+    "DMS_WAKEUP": ("wakeup", _choice("auto", "poll")),
+    "DMS_LEADER_MODE": ("leader_mode", _choice("auto", "lock", "lease")),
+    "DMS_LEADER_TTL": ("leader_ttl", _positive_float),
+    "DMS_RETENTION_DAYS": ("retention_days", _positive_float),
+    "DMS_LOG_LEVEL": ("log_level", _level),
+    "DMS_LOG_FILE": ("log_file", str),
+    "DMS_LOG_JSON": ("log_json", _bool),
+    "DMS_WORKER_NAME": ("worker_name", str),
+}
+
+# Config field -> the variable users set, so errors raised by validation name the variable.
+_FIELD_TO_VAR = {name: var for var, (name, _) in _VARIABLES.items()} | {"database_url": "DMS_DATABASE_URL"}
+
+
+def _parse(var: str, raw: str, parse: Callable[[str], object]) -> object:
+    try:
+        return parse(raw)
+    except ValueError as exc:   # every parser says what it expects ("must be ...")
+        raise ConfigError(f"{var}={raw!r}: {exc}") from None
+
+
+def _database_url(env: Mapping[str, str]) -> str:
+    url = env.get("DMS_DATABASE_URL", "").strip()
+    if url:
+        return url
+    if env.get("DB_HOST", "").strip():
+        missing = [v for v in ("DB_SID", "DB_USER") if not env.get(v, "").strip()]
+        if missing:
+            raise ConfigError(f"{missing[0]}: required when DB_HOST is set (Oracle connection)")
+        port = env.get("DB_PORT", "1521").strip() or "1521"
+        if not port.isdigit():
+            raise ConfigError(f"DB_PORT={port!r}: must be a port number")
+        return sa.engine.URL.create(
+            "oracle+oracledb", username=env["DB_USER"].strip(), password=env.get("DB_PASSWORD") or None,
+            host=env["DB_HOST"].strip(), port=int(port), query={"service_name": env["DB_SID"].strip()},
+        ).render_as_string(hide_password=False)
+    return f"sqlite:///{DEFAULT_SQLITE_FILE}"
+
+
+def _validate(cfg: Config) -> None:
+    def fail(name: str, reason: str) -> None:
+        raise ConfigError(f"{_FIELD_TO_VAR.get(name, name)}: {reason}")
+
+    try:
+        url = sa.engine.make_url(cfg.database_url)
+    except Exception:
+        fail("database_url", "not a valid SQLAlchemy URL (e.g. postgresql+psycopg://user@host/db)")
+    if url.get_backend_name() not in ("sqlite", "postgresql", "oracle"):
+        fail("database_url", f"unsupported backend {url.get_backend_name()!r} (sqlite, postgresql, oracle)")
+    try:
+        ZoneInfo(cfg.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        fail("timezone", f"{cfg.timezone!r} is not an IANA time zone (e.g. Europe/Berlin)")
+    if cfg.max_workers < 1:
+        fail("max_workers", "must be an integer >= 1")
+    for name in ("poll_interval", "refresh_interval", "heartbeat_interval", "rescue_after",
+                 "shutdown_grace", "stop_grace", "leader_ttl", "retention_days"):
+        if not getattr(cfg, name) > 0:
+            fail(name, "must be a number > 0")
+    if cfg.leader_ttl < 3 * cfg.heartbeat_interval:
+        fail("leader_ttl", f"must be at least 3 x DMS_HEARTBEAT_INTERVAL ({3 * cfg.heartbeat_interval:g} s)")
+    if cfg.rescue_after < 3 * cfg.heartbeat_interval:
+        fail("rescue_after", f"must be at least 3 x DMS_HEARTBEAT_INTERVAL ({3 * cfg.heartbeat_interval:g} s)")
+    if not 0 <= cfg.metrics_port <= 65535:
+        fail("metrics_port", "must be a port number 0..65535")

@@ -1,0 +1,724 @@
+"""The driver interface: every statement the worker issues, as noun-first verbs.
+
+Modelled on River's driver: each verb takes one small params value, every state change of a
+claimed row is conditional on the caller still owning it (status and ``claimed_by`` in the same
+statement), and the ``*_many`` verbs let the control loop batch. ``SQLDriver`` implements the
+verbs whose SQL is portable with SQLAlchemy Core; a database's driver subclasses it and supplies
+what differs (clock, claim, wake-up, locks, sessions, scripts). Core logic talks to this
+interface only and never asks which database it is on.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterable, Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .. import schema as s
+
+
+# ---------------------------------------------------------------------------------------------
+# Values passed in and out of drivers
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClaimParams:
+    worker_id: str
+    job_limit: int                      # free execution slots: never claim more job rows
+    control_types: tuple[str, ...] = (s.STOP,)
+    control_limit: int = 10
+
+
+@dataclass(frozen=True)
+class ClaimedRequest:
+    request_id: str
+    mapref: str
+    request_type: str
+    payload: str | None
+    attempts: int
+    requested_at: datetime | None
+    jobschid: int | None = None
+    scheduled_for: datetime | None = None
+    not_before: datetime | None = None     # when it became due (requested_at, scheduled_for or a retry time)
+    claimed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class JobDef:
+    mapref: str
+    handler: str
+    timeout_s: int | None
+    max_attempts: int
+    retry_delay_s: int
+    allow_overlap: bool
+    enabled: bool
+    params: str | None = None           # DMS_JOB.params: JSON object of handler defaults
+
+
+@dataclass(frozen=True)
+class ExecutionStart:
+    request_id: str
+    worker_id: str
+    mapref: str
+    exclusive: bool                     # hold the mapref's running slot (allow_overlap = 'N')
+    attempt: int
+    params: dict[str, str | None] = field(default_factory=dict)   # param1..param10
+
+
+class StartRefused(enum.Enum):
+    BUSY = "busy"    # another execution of this mapref is running
+    LOST = "lost"    # the row is no longer ours (rescued, cancelled)
+
+
+@dataclass(frozen=True)
+class Reject:
+    keyvalue: str | None
+    errmsg: str
+    dberrmsg: str | None = None
+
+
+@dataclass(frozen=True)
+class ExecutionFinish:
+    """The end of one execution (one DMS_PRCLOG row) and, optionally, of its request."""
+    request_id: str
+    worker_id: str
+    prcid: int
+    mapref: str
+    log_status: str                     # PC, FL or ST
+    msg: str | None = None
+    prcdt: datetime | None = None
+    sessionid: str | None = None
+    srcrows: int | None = None
+    trgrows: int | None = None
+    errrows: int | None = None
+    rejects: tuple[Reject, ...] = ()
+    error: tuple[str, str, str | None] | None = None   # (errtyp, errmsg, dberrmsg)
+    request_status: str | None = None   # None: the request goes on (next HISTORY day)
+    result_payload: str | None = None
+    retry_delay_s: float = 0.0
+    refund_attempt: bool = False        # hand-back: the attempt was not the job's fault
+    jobschid: int | None = None         # a scheduled occurrence: on DONE, its dependents are enqueued
+    scheduled_for: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RequestResolve:
+    """End (or hand back) a claimed request that never got an execution."""
+    request_id: str
+    worker_id: str
+    status: str                         # DONE, FAILED, CANCELLED or NEW
+    result_payload: str | None = None
+    refund_attempt: bool = False
+    retry_delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    host: str
+    pid: int
+    version: str
+    slots: int
+    metrics_port: int | None = None
+
+
+@dataclass(frozen=True)
+class RescueResult:
+    requeued: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    logs_closed: int = 0
+    workers_removed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StopResult:
+    cancelled: tuple[str, ...] = ()     # were NEW, now CANCELLED
+    signalled: tuple[str, ...] = ()     # running: their owner will stop them
+    reason: str | None = None           # why nothing matched
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    jobschid: int
+    mapref: str
+    frqcd: str | None
+    frqdd: str | None
+    frqhh: Any
+    frqmi: Any
+    strtdt: datetime | None
+    enddt: datetime | None
+    misfire: str | None
+    cronexp: str | None
+    dpnd_jobschid: int | None
+    lst_run_dt: datetime | None         # UTC; for a new version without one, its predecessor's
+    nxt_run_dt: datetime | None
+    params: str | None = None           # JSON overrides, copied into each occurrence's payload
+
+
+@dataclass(frozen=True)
+class OccurrenceEnqueue:
+    """Due occurrences of one schedule, written by the leader holding lease ``epoch``."""
+    worker_id: str
+    epoch: int
+    jobschid: int
+    mapref: str
+    scheduled_for: tuple[datetime, ...]     # UTC, naive
+    lst_run_dt: datetime | None
+    nxt_run_dt: datetime | None
+    payload: str | None = None          # the schedule's params
+
+
+LEADER_NAME = "scheduler"
+
+
+def occurrence_request_id(jobschid: int, scheduled_for: datetime) -> str:
+    """Deterministic, so that a replayed insert is recognisably the same occurrence."""
+    stamp = scheduled_for.strftime("%Y%m%dT%H%M%S") + (f".{scheduled_for.microsecond:06d}" if scheduled_for.microsecond else "")
+    return f"sch{jobschid}-{stamp}Z"
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
+def _truncate(text: str | None, limit: int) -> str | None:
+    return None if text is None else text[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# The portable implementation
+# ---------------------------------------------------------------------------------------------
+class SQLDriver:
+    """Verbs whose SQL is the same on every database; subclasses fill in the rest."""
+
+    name = "abstract"
+    supports_procedures = False
+
+    def __init__(self, url: str, *, schema: str | None = None, engine: Engine | None = None) -> None:
+        self.url = url
+        self.schema = schema
+        self.engine = engine or self._create_engine(url)
+
+    # -- dialect hooks ---------------------------------------------------------------------
+    def _create_engine(self, url: str) -> Engine:
+        raise NotImplementedError
+
+    def clock(self, offset_s: float = 0.0) -> sa.ColumnElement:
+        """The database's current UTC time (plus an offset) as a SQL expression."""
+        raise NotImplementedError
+
+    def request_claim(self, p: ClaimParams) -> list[ClaimedRequest]:
+        raise NotImplementedError
+
+    def listener(self) -> "Listener | None":
+        """A wake-up channel (PostgreSQL LISTEN, Oracle AQ), or None to rely on polling."""
+        return None
+
+    def session_id(self, dbapi_conn: Any) -> str | None:
+        return None
+
+    def session_cancel(self, dbapi_conn: Any) -> None:
+        """Cancel the statement running on ``dbapi_conn`` (called from another thread)."""
+
+    def session_terminate(self, session_id: str) -> None:
+        """Best effort: end a database session by id (after its process was killed)."""
+
+    def procedure_call(self, conn: Connection, name: str, args: Sequence[Any],
+                       counts: bool = False) -> tuple[int | None, int | None, int | None] | None:
+        """Call a stored procedure with (prcid, param1..param10); with ``counts`` it also takes
+        three INOUT row counts (source, target, error) and returns what it set them to."""
+        raise NotImplementedError(f"sql: handlers are not supported on {self.name}")
+
+    def run_script(self, conn: Connection, script: str) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def migration_lock(self, conn: Connection) -> Iterator[None]:
+        yield
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """True for errors worth retrying after a back-off: lost connections, lock timeouts."""
+        if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError,
+                                sa.exc.DisconnectionError, sa.exc.TimeoutError))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- helpers ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    @staticmethod
+    def _owned(worker_id: str, *statuses: str) -> sa.ColumnElement:
+        return sa.and_(s.prcreq.c.claimed_by == worker_id, s.prcreq.c.status.in_(statuses))
+
+    _CLAIM_COLUMNS = ("request_id", "mapref", "request_type", "payload", "attempts", "requested_at",
+                      "jobschid", "scheduled_for", "not_before", "claimed_at")
+
+    @classmethod
+    def _claimed(cls, rows: Iterable[Any]) -> list[ClaimedRequest]:
+        claimed = [ClaimedRequest(**{c: row._mapping[c] for c in cls._CLAIM_COLUMNS}) for row in rows]
+        # Control requests first, then in queue order: RETURNING gives no order.
+        claimed.sort(key=lambda r: (r.request_type not in s.CONTROL_TYPES, r.requested_at or datetime.min))
+        return claimed
+
+    def _claim_update(self, worker_id: str) -> sa.Update:
+        c = s.prcreq.c
+        return (sa.update(s.prcreq)
+                .values(status=s.CLAIMED, claimed_by=worker_id, claimed_at=self.clock(),
+                        attempts=c.attempts + 1, stop_requested_at=None)
+                .returning(*(c[name] for name in self._CLAIM_COLUMNS)))
+
+    # -- clock -----------------------------------------------------------------------------
+    def now(self) -> datetime:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(self.clock())).scalar_one()
+
+    # -- jobs ------------------------------------------------------------------------------
+    def job_get_many(self, maprefs: Iterable[str]) -> dict[str, JobDef]:
+        wanted = sorted(set(maprefs))
+        if not wanted:
+            return {}
+        j = s.job.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(s.job).where(j.mapref.in_(wanted))).all()
+        return {r.mapref: JobDef(mapref=r.mapref, handler=r.handler, timeout_s=r.timeout_s,
+                                 max_attempts=max(1, r.max_attempts or 1),
+                                 retry_delay_s=max(0, r.retry_delay_s or 0),
+                                 allow_overlap=(r.allow_overlap or "N").upper() == "Y",
+                                 enabled=(r.enabled or "Y").upper() == "Y", params=r.params) for r in rows}
+
+    # -- executions ------------------------------------------------------------------------
+    def execution_start_many(self, starts: Sequence[ExecutionStart]) -> list[int | StartRefused]:
+        """Move claimed requests to PROCESSING and open their DMS_PRCLOG rows.
+
+        Idempotent for the caller: a replay after a lost commit acknowledgement finds the
+        execution it opened. Fast path: one transaction for the batch; if two replicas raced
+        for one mapref's running slot the database refuses one, and we redo row by row.
+        """
+        try:
+            with self.begin() as conn:
+                return [self._start_one(conn, st) for st in starts]
+        except sa.exc.IntegrityError:
+            results: list[int | StartRefused] = []
+            for st in starts:
+                try:
+                    with self.begin() as conn:
+                        results.append(self._start_one(conn, st))
+                except sa.exc.IntegrityError:
+                    results.append(StartRefused.BUSY)
+            return results
+
+    def _start_one(self, conn: Connection, st: ExecutionStart) -> int | StartRefused:
+        c = s.prcreq.c
+
+        def transition(*statuses: str) -> sa.Update:
+            stmt = sa.update(s.prcreq).where(c.request_id == st.request_id, self._owned(st.worker_id, *statuses))
+            if not st.exclusive:
+                return stmt.values(status=s.PROCESSING)
+            other = s.prcreq.alias("other")
+            return stmt.where(sa.or_(c.excl_key == st.mapref, ~sa.exists().where(
+                other.c.excl_key == st.mapref))).values(status=s.PROCESSING, excl_key=st.mapref)
+
+        # Fast path: a fresh claim has no execution open yet, so there is nothing to look up.
+        if conn.execute(transition(s.CLAIMED)).rowcount == 1:
+            return self._open_log(conn, st)
+        if conn.execute(transition(s.PROCESSING)).rowcount != 1:
+            owner = conn.execute(sa.select(c.status, c.claimed_by).where(c.request_id == st.request_id)).first()
+            mine = owner is not None and owner.claimed_by == st.worker_id and owner.status in s.RUNNING_STATUSES
+            return StartRefused.BUSY if mine else StartRefused.LOST
+        p = s.prclog.c
+        existing = conn.execute(sa.select(p.prcid).where(
+            p.request_id == st.request_id, p.worker_id == st.worker_id, p.status == s.IN_PROGRESS,
+            p.param1 == st.params.get("param1") if st.params.get("param1") is not None else p.param1.is_(None),
+        )).scalar()
+        if existing is not None:
+            return int(existing)
+        return self._open_log(conn, st)
+
+    def _open_log(self, conn: Connection, st: ExecutionStart) -> int:
+        p = s.prclog.c
+        return int(conn.execute(sa.insert(s.prclog).values(
+            mapref=st.mapref, strtdt=self.clock(), status=s.IN_PROGRESS, request_id=st.request_id,
+            worker_id=st.worker_id, attempt=st.attempt,
+            **{k: _truncate(st.params.get(k), 250) for k in s.PARAM_COLUMNS},
+        ).returning(p.prcid)).scalar_one())
+
+    def execution_set_session(self, prcid: int, sessionid: str) -> None:
+        with self.begin() as conn:
+            conn.execute(sa.update(s.prclog).where(s.prclog.c.prcid == prcid,
+                                                   s.prclog.c.status == s.IN_PROGRESS)
+                         .values(sessionid=_truncate(sessionid, 64)))
+
+    def execution_finish_many(self, finishes: Sequence[ExecutionFinish]) -> list[bool]:
+        """Close executions (PRCLOG, JOBLOG, JOBERR) and their requests, in one transaction.
+
+        Returns, per finish, whether we still owned the request; nothing is written for a
+        request that is no longer ours (a rescuer already closed its log row).
+        """
+        with self.begin() as conn:
+            return [self._finish_one(conn, f) for f in finishes]
+
+    def _request_transition(self, conn: Connection, request_id: str, worker_id: str, status: str | None,
+                            from_statuses: tuple[str, ...], result_payload: str | None = None,
+                            retry_delay_s: float = 0.0, refund_attempt: bool = False) -> bool:
+        c = s.prcreq.c
+        stmt = sa.update(s.prcreq).where(c.request_id == request_id, self._owned(worker_id, *from_statuses))
+        if status is None:
+            stmt = stmt.values(status=c.status)      # ownership check, and a row lock
+        elif status == s.NEW:
+            stmt = stmt.values(status=s.NEW, claimed_by=None, claimed_at=None, excl_key=None,
+                               stop_requested_at=None, not_before=self.clock(retry_delay_s),
+                               attempts=c.attempts - 1 if refund_attempt else c.attempts,
+                               result_payload=result_payload)
+        else:
+            stmt = stmt.values(status=status, completed_at=self.clock(), excl_key=None,
+                               result_payload=result_payload)
+        return conn.execute(stmt).rowcount == 1
+
+    def _finish_one(self, conn: Connection, f: ExecutionFinish) -> bool:
+        if not self._request_transition(conn, f.request_id, f.worker_id, f.request_status, (s.PROCESSING,),
+                                        f.result_payload, f.retry_delay_s, f.refund_attempt):
+            return False
+        conn.execute(sa.update(s.prclog).where(s.prclog.c.prcid == f.prcid).values(
+            status=f.log_status, enddt=self.clock(), msg=_truncate(f.msg, 4000),
+            **({"sessionid": _truncate(f.sessionid, 64)} if f.sessionid else {})))
+        joblogid = conn.execute(sa.insert(s.joblog).values(
+            prcdt=f.prcdt, mapref=f.mapref, srcrows=f.srcrows, trgrows=f.trgrows,
+            errrows=f.errrows if f.errrows is not None else (len(f.rejects) or None),
+            prcid=f.prcid, sessionid=_truncate(f.sessionid, 64), reccrdt=self.clock(),
+        ).returning(s.joblog.c.joblogid)).scalar_one()
+        errors = [dict(errtyp="RECORD", errmsg=_truncate(r.errmsg, 4000), dberrmsg=_truncate(r.dberrmsg, 4000),
+                       keyvalue=_truncate(r.keyvalue, 1000)) for r in f.rejects]
+        if f.error:
+            errtyp, errmsg, dberrmsg = f.error
+            errors.append(dict(errtyp=errtyp, errmsg=_truncate(errmsg, 4000), dberrmsg=_truncate(dberrmsg, 4000),
+                               keyvalue=None))
+        if errors:
+            conn.execute(sa.insert(s.joberr).values(joblogid=joblogid, prcdt=f.prcdt, prcid=f.prcid,
+                                                    mapref=f.mapref), errors)
+        if f.request_status == s.DONE and f.jobschid is not None and f.scheduled_for is not None:
+            self._enqueue_dependents(conn, f.jobschid, f.scheduled_for)
+        return True
+
+    def _enqueue_dependents(self, conn: Connection, parent: int, scheduled_for: datetime) -> None:
+        """Dependent schedules run once per successful parent occurrence, in the same transaction."""
+        j = s.jobsch.c
+        children = conn.execute(sa.select(j.jobschid, j.mapref, j.params).where(
+            j.dpnd_jobschid == parent, j.curflg == "Y", j.schflg == "Y")).all()
+        if not children:
+            return
+        self._insert_occurrences(conn, [
+            dict(request_id=occurrence_request_id(c.jobschid, scheduled_for), mapref=c.mapref,
+                 request_type=s.IMMEDIATE, payload=c.params, status=s.NEW, attempts=0, jobschid=c.jobschid,
+                 scheduled_for=scheduled_for, requested_at=self.clock(), not_before=self.clock())
+            for c in children])
+        conn.execute(sa.update(s.jobsch).where(j.jobschid.in_([c.jobschid for c in children]))
+                     .values(lst_run_dt=scheduled_for))
+
+    def request_resolve_many(self, resolves: Sequence[RequestResolve]) -> list[bool]:
+        with self.begin() as conn:
+            return [self._request_transition(conn, r.request_id, r.worker_id, r.status, s.RUNNING_STATUSES,
+                                             r.result_payload, r.retry_delay_s, r.refund_attempt)
+                    for r in resolves]
+
+    def history_days_done(self, request_id: str) -> set[str]:
+        p = s.prclog.c
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.select(p.param1).where(
+                p.request_id == request_id, p.status == s.COMPLETED)).scalars())
+
+    # -- stop ------------------------------------------------------------------------------
+    def request_stop(self, *, target_request_id: str | None, mapref: str, by: str) -> StopResult:
+        """Apply a STOP: cancel a NEW target, or flag running ones for their owner."""
+        c = s.prcreq.c
+        reason = f"stopped by STOP request {by}"
+        with self.begin() as conn:
+            if target_request_id is not None:
+                cancelled = conn.execute(sa.update(s.prcreq).where(
+                    c.request_id == target_request_id, c.status == s.NEW).values(
+                    status=s.CANCELLED, completed_at=self.clock(),
+                    result_payload=dumps({"cancelled": reason}))).rowcount
+                if cancelled:
+                    return StopResult(cancelled=(target_request_id,))
+                target = c.request_id == target_request_id
+            else:
+                target = sa.and_(c.mapref == mapref, c.request_type.notin_(s.CONTROL_TYPES))
+            running = conn.execute(sa.select(c.request_id).where(
+                target, c.status.in_(s.RUNNING_STATUSES))).scalars().all()
+            if running:
+                conn.execute(sa.update(s.prcreq).where(c.request_id.in_(running),
+                                                       c.status.in_(s.RUNNING_STATUSES),
+                                                       c.stop_requested_at.is_(None))
+                             .values(stop_requested_at=self.clock()))
+                return StopResult(signalled=tuple(running))
+            if target_request_id is None:
+                return StopResult(reason=f"no running execution of mapref {mapref!r}")
+            status = conn.execute(sa.select(c.status).where(c.request_id == target_request_id)).scalar()
+            if status is None:
+                return StopResult(reason=f"no request {target_request_id!r}")
+            return StopResult(reason=f"request {target_request_id!r} already {status}")
+
+    def requests_to_stop(self, worker_id: str) -> list[str]:
+        c = s.prcreq.c
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(c.request_id).where(
+                self._owned(worker_id, *s.RUNNING_STATUSES), c.stop_requested_at.is_not(None))).scalars())
+
+    # -- replicas --------------------------------------------------------------------------
+    def worker_register(self, info: WorkerInfo) -> None:
+        with self.begin() as conn:
+            conn.execute(sa.delete(s.worker).where(s.worker.c.worker_id == info.worker_id))
+            conn.execute(sa.insert(s.worker).values(
+                worker_id=info.worker_id, host=info.host[:255], pid=info.pid, version=info.version,
+                slots=info.slots, running=0, metrics_port=info.metrics_port, is_leader="N",
+                started_at=self.clock(), heartbeat_at=self.clock()))
+
+    def worker_heartbeat(self, worker_id: str, running: int) -> bool:
+        """Refresh our heartbeat; False means the cluster declared us dead (row removed)."""
+        with self.begin() as conn:
+            return conn.execute(sa.update(s.worker).where(s.worker.c.worker_id == worker_id)
+                                .values(heartbeat_at=self.clock(), running=running)).rowcount == 1
+
+    def worker_unregister(self, worker_id: str) -> None:
+        with self.begin() as conn:
+            conn.execute(sa.delete(s.worker).where(s.worker.c.worker_id == worker_id))
+
+    def request_rescue(self, stale_after_s: float, limit: int = 500) -> RescueResult:
+        """Return rows of replicas with a stale heartbeat to NEW (or FAILED when out of attempts).
+
+        Also closes their ``IP`` log rows with a DMS_JOBERR entry and removes the dead
+        replicas' DMS_WORKER rows. Bounded per call; the caller repeats while work remains.
+        """
+        c, w, p = s.prcreq.c, s.worker.c, s.prclog.c
+        cutoff = self.clock(-stale_after_s)
+        live = sa.select(w.worker_id).where(w.heartbeat_at >= cutoff)
+        max_attempts = sa.func.coalesce(
+            sa.select(s.job.c.max_attempts).where(s.job.c.mapref == c.mapref).scalar_subquery(), 1)
+        with self.begin() as conn:
+            dead_workers = tuple(conn.execute(sa.select(w.worker_id).where(w.heartbeat_at < cutoff)).scalars())
+            rows = conn.execute(sa.select(c.request_id, c.claimed_by, c.attempts, max_attempts.label("max_attempts"))
+                                .where(c.status.in_(s.RUNNING_STATUSES), c.claimed_by.notin_(live))
+                                .order_by(c.claimed_at).limit(limit)).all()
+            requeued, failed = [], []
+            for r in rows:
+                reason = f"rescued: worker {r.claimed_by} stopped heartbeating"
+                if r.attempts < r.max_attempts:
+                    ok = self._request_transition(conn, r.request_id, r.claimed_by, s.NEW, s.RUNNING_STATUSES,
+                                                  dumps({"rescued": reason}))
+                    (requeued if ok else []).append(r.request_id)
+                else:
+                    ok = self._request_transition(conn, r.request_id, r.claimed_by, s.FAILED, s.RUNNING_STATUSES,
+                                                  dumps({"error": f"{reason}; no attempts left"}))
+                    (failed if ok else []).append(r.request_id)
+            orphan_logs = conn.execute(sa.select(p.prcid, p.mapref, p.worker_id).where(
+                p.status == s.IN_PROGRESS, p.worker_id.notin_(live)).limit(limit)).all()
+            for log in orphan_logs:
+                msg = f"worker {log.worker_id} lost (heartbeat stale); execution abandoned"
+                conn.execute(sa.update(s.prclog).where(p.prcid == log.prcid, p.status == s.IN_PROGRESS)
+                             .values(status=s.LOG_FAILED, enddt=self.clock(), msg=msg))
+                conn.execute(sa.insert(s.joberr).values(errtyp="RESCUE", errmsg=msg, prcid=log.prcid,
+                                                        mapref=log.mapref, prcdt=None))
+            if dead_workers:
+                conn.execute(sa.delete(s.worker).where(w.worker_id.in_(dead_workers), w.heartbeat_at < cutoff))
+        return RescueResult(tuple(requeued), tuple(failed), len(orphan_logs), dead_workers)
+
+    def request_release_orphans(self, worker_id: str, known: Iterable[str]) -> list[str]:
+        """Hand back rows claimed under our id that we do not know about.
+
+        Happens when a claim committed but its acknowledgement was lost with the connection.
+        """
+        c = s.prcreq.c
+        known = set(known)
+        with self.begin() as conn:
+            mine = conn.execute(sa.select(c.request_id).where(self._owned(worker_id, *s.RUNNING_STATUSES))).scalars()
+            orphans = [rid for rid in mine if rid not in known]
+            for rid in orphans:
+                self._request_transition(conn, rid, worker_id, s.NEW, s.RUNNING_STATUSES,
+                                         refund_attempt=True)
+            if orphans:
+                conn.execute(sa.update(s.prclog).where(
+                    s.prclog.c.request_id.in_(orphans), s.prclog.c.worker_id == worker_id,
+                    s.prclog.c.status == s.IN_PROGRESS).values(
+                    status=s.STOPPED, enddt=self.clock(), msg="handed back after a lost connection"))
+        return orphans
+
+    # -- schedules (leader) ----------------------------------------------------------------
+    def schedule_list(self) -> list[ScheduleRow]:
+        """Current, enabled schedules. A new version with no lst_run_dt inherits the one of the
+        newest earlier version of the same mapref, so that an edit does not replay or repeat."""
+        j = s.jobsch.c
+        prev = s.jobsch.alias("prev")
+        inherited = (sa.select(sa.func.max(prev.c.lst_run_dt)).where(
+            prev.c.mapref == j.mapref, prev.c.jobschid < j.jobschid, prev.c.curflg != "Y").scalar_subquery())
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(
+                j.jobschid, j.mapref, j.frqcd, j.frqdd, j.frqhh, j.frqmi, j.strtdt, j.enddt, j.misfire, j.cronexp,
+                j.dpnd_jobschid, sa.func.coalesce(j.lst_run_dt, inherited).label("lst_run_dt"), j.nxt_run_dt,
+                j.params,
+            ).where(j.curflg == "Y", j.schflg == "Y").order_by(j.jobschid)).all()
+        return [ScheduleRow(**r._mapping) for r in rows]
+
+    def _lease_valid(self, worker_id: str, epoch: int) -> sa.ColumnElement:
+        l = s.leader.c
+        return sa.exists().where(l.name == LEADER_NAME, l.holder == worker_id, l.epoch == epoch,
+                                 l.expires_at > self.clock())
+
+    def occurrence_enqueue(self, p: OccurrenceEnqueue) -> int | None:
+        """Insert due occurrences (an occurrence already there is not an error) and move the
+        schedule's lst/nxt_run_dt, only while ``p.epoch`` still holds the lease (fencing).
+        Returns how many rows were new, or None when fenced off."""
+        with self.begin() as conn:
+            fenced = conn.execute(sa.update(s.jobsch).where(
+                s.jobsch.c.jobschid == p.jobschid, self._lease_valid(p.worker_id, p.epoch),
+            ).values(lst_run_dt=p.lst_run_dt, nxt_run_dt=p.nxt_run_dt)).rowcount == 0
+            if fenced:
+                return None
+            if not p.scheduled_for:
+                return 0
+            return self._insert_occurrences(conn, [
+                dict(request_id=occurrence_request_id(p.jobschid, t), mapref=p.mapref, request_type=s.IMMEDIATE,
+                     payload=p.payload, status=s.NEW, attempts=0, jobschid=p.jobschid, scheduled_for=t,
+                     requested_at=self.clock(), not_before=t) for t in p.scheduled_for])
+
+    def _insert_occurrences(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
+        """Insert request rows, skipping those that already exist (by key or by occurrence);
+        returns how many were inserted. Dialect-specific: INSERT ... ON CONFLICT DO NOTHING, or
+        per-row inserts that treat a unique violation as "already there" (Oracle's ORA-00001)."""
+        raise NotImplementedError
+
+    def request_prune(self, older_than_s: float, limit: int = 1000) -> int:
+        """Delete finished requests completed more than ``older_than_s`` ago, at most ``limit``."""
+        c = s.prcreq.c
+        with self.begin() as conn:
+            ids = conn.execute(sa.select(c.request_id).where(
+                c.status.in_(s.TERMINAL_STATUSES), c.completed_at < self.clock(-older_than_s)).limit(limit)).scalars().all()
+            if ids:
+                conn.execute(sa.delete(s.prcreq).where(c.request_id.in_(ids), c.status.in_(s.TERMINAL_STATUSES)))
+        return len(ids)
+
+    # -- leader ----------------------------------------------------------------------------
+    default_leader_mode = "lease"
+
+    def leader_elector(self, mode: str, ttl_s: float) -> "LeaseElector":
+        """``lease``: the lease row, on every database. Drivers add ``lock`` (a session lock)."""
+        if mode == "lease" or (mode == "auto" and self.default_leader_mode == "lease"):
+            return LeaseElector(self, ttl_s)
+        raise ValueError(f"leader mode {mode!r} is not available on {self.name}")
+
+    def queue_depth(self) -> tuple[list[tuple[str, str, int]], float | None, int]:
+        """Unfinished requests by status and type, age of the oldest NEW, executions running.
+
+        One query over unfinished rows only (index-driven), for the leader's gauges: finished
+        history is never counted, however large the table grows.
+        """
+        c = s.prcreq.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(c.status, c.request_type, sa.func.count(), sa.func.min(c.requested_at),
+                                          self.clock().label("now"))
+                                .where(c.status.in_((s.NEW, *s.RUNNING_STATUSES)))
+                                .group_by(c.status, c.request_type)).all()
+        depth = [(r[0], r[1], int(r[2])) for r in rows]
+        oldest = [(r[4] - r[3]).total_seconds() for r in rows if r[0] == s.NEW and r[3] is not None]
+        running = sum(n for st, _, n in depth if st == s.PROCESSING)
+        return depth, max(oldest) if oldest else None, running
+
+    # -- the cluster as the database sees it -----------------------------------------------
+    def cluster_status(self, recent_failures: int = 10) -> dict[str, Any]:
+        c, w, p = s.prcreq.c, s.worker.c, s.prclog.c
+        with self.engine.connect() as conn:
+            now = conn.execute(sa.select(self.clock())).scalar_one()
+            workers = conn.execute(sa.select(s.worker).order_by(w.started_at)).mappings().all()
+            lease = conn.execute(sa.select(s.leader).where(s.leader.c.name == LEADER_NAME)).mappings().first()
+            depth = conn.execute(sa.select(c.status, c.request_type, sa.func.count()).group_by(
+                c.status, c.request_type)).all()
+            running = conn.execute(sa.select(p.prcid, p.mapref, p.request_id, p.worker_id, p.strtdt, p.param1)
+                                   .where(p.status == s.IN_PROGRESS).order_by(p.strtdt)).mappings().all()
+            failures = conn.execute(sa.select(c.request_id, c.mapref, c.request_type, c.completed_at,
+                                              c.result_payload).where(c.status == s.FAILED)
+                                    .order_by(c.completed_at.desc()).limit(recent_failures)).mappings().all()
+        return {
+            "now": now,
+            "workers": [dict(r, heartbeat_age_s=(now - r["heartbeat_at"]).total_seconds()) for r in workers],
+            "leader": None if lease is None or lease["holder"] is None else dict(
+                lease, expires_in_s=(lease["expires_at"] - now).total_seconds()),
+            "queue": [{"status": st, "request_type": t, "count": n} for st, t, n in depth],
+            "running": [dict(r, age_s=(now - r["strtdt"]).total_seconds()) for r in running],
+            "recent_failures": [dict(r) for r in failures],
+        }
+
+
+class LeaseElector:
+    """Leadership by a lease row in DMS_LEADER: holder, epoch and expiry from the database clock.
+
+    A replica takes the lease when it is free or expired (the epoch goes up), renews it while
+    it leads, and gives it up on shutdown. Leader actions are fenced by the epoch
+    (``SQLDriver._lease_valid``), so a leader that was paused past its expiry cannot act.
+    """
+
+    mode = "lease"
+
+    def __init__(self, driver: SQLDriver, ttl_s: float) -> None:
+        self.driver, self.ttl_s = driver, ttl_s
+
+    def attempt(self, worker_id: str) -> int | None:
+        return self._take(worker_id, force=False)
+
+    def _take(self, worker_id: str, force: bool) -> int | None:
+        d, l = self.driver, s.leader.c
+        with d.begin() as conn:
+            free = sa.or_(l.holder.is_(None), l.expires_at <= d.clock(), l.holder == worker_id)
+            taken = conn.execute(sa.update(s.leader).where(l.name == LEADER_NAME, *(() if force else (free,)))
+                                 .values(holder=worker_id, epoch=l.epoch + 1, acquired_at=d.clock(),
+                                         expires_at=d.clock(self.ttl_s))).rowcount
+            if not taken:
+                if conn.execute(sa.select(l.name).where(l.name == LEADER_NAME)).first() is not None:
+                    return None
+                try:
+                    with conn.begin_nested():
+                        conn.execute(sa.insert(s.leader).values(name=LEADER_NAME, holder=worker_id, epoch=1,
+                                                                acquired_at=d.clock(), expires_at=d.clock(self.ttl_s)))
+                except sa.exc.IntegrityError:
+                    return None      # another replica created it first
+            epoch = conn.execute(sa.select(l.epoch).where(l.name == LEADER_NAME, l.holder == worker_id)).scalar_one()
+            w = s.worker.c
+            conn.execute(sa.update(s.worker).where(w.is_leader == "Y", w.worker_id != worker_id).values(is_leader="N"))
+            conn.execute(sa.update(s.worker).where(w.worker_id == worker_id).values(is_leader="Y"))
+            return int(epoch)
+
+    def renew(self, worker_id: str, epoch: int) -> bool:
+        d, l = self.driver, s.leader.c
+        with d.begin() as conn:
+            return conn.execute(sa.update(s.leader).where(l.name == LEADER_NAME, l.holder == worker_id, l.epoch == epoch)
+                                .values(expires_at=d.clock(self.ttl_s))).rowcount == 1
+
+    def resign(self, worker_id: str, epoch: int) -> None:
+        d, l = self.driver, s.leader.c
+        with d.begin() as conn:
+            conn.execute(sa.update(s.leader).where(l.name == LEADER_NAME, l.holder == worker_id, l.epoch == epoch)
+                         .values(holder=None, expires_at=d.clock()))
+            conn.execute(sa.update(s.worker).where(s.worker.c.worker_id == worker_id).values(is_leader="N"))
+
+    def close(self) -> None:
+        pass
+
+
+class Listener:
+    """A wake-up channel: readable ``fileno()``; ``drain()`` returns the channels that fired."""
+
+    def fileno(self) -> int:
+        raise NotImplementedError
+
+    def drain(self) -> set[str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""Job handlers: the context handed to them, and the built-in ones."""

@@ -1,0 +1,74 @@
+"""Logging set-up: console or rotating file, optional JSON lines, and child processes logging
+through the parent with multiprocessing-logging.
+
+Children are started with the ``spawn`` method (nothing depends on ``fork``), so the parent's
+``MultiProcessingHandler`` gets a spawn-context queue that can be handed to them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import multiprocessing
+import sys
+from typing import Any
+
+from multiprocessing_logging import MultiProcessingHandler
+
+SPAWN = multiprocessing.get_context("spawn")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname, "logger": record.name, "process": record.processName,
+            "msg": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}) or {})
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class SpawnMultiProcessingHandler(MultiProcessingHandler):
+    """multiprocessing-logging's handler, with a queue that spawned processes can share."""
+
+    def __init__(self, name: str, sub_handler: logging.Handler) -> None:
+        super().__init__(name, sub_handler=sub_handler)
+        # The receiving thread reads ``self.queue`` afresh on every loop.
+        self.queue = SPAWN.Queue(-1)
+
+
+_installed: SpawnMultiProcessingHandler | None = None
+
+
+def setup(level: str = "INFO", log_file: str | None = None, json_lines: bool = False,
+          max_bytes: int = 10 * 1024 * 1024, backups: int = 5) -> None:
+    """Configure the root logger of a replica; safe to call more than once."""
+    global _installed
+    root = logging.getLogger()
+    if _installed is not None:
+        root.removeHandler(_installed)
+        _installed.close()
+    if log_file:
+        handler: logging.Handler = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    _installed = SpawnMultiProcessingHandler("dms-log-receiver", handler)
+    root.addHandler(_installed)
+    root.setLevel(level)
+
+
+def child_queue() -> Any:
+    """The queue children log into, or None when the replica's logging is not ours."""
+    return _installed.queue if _installed is not None else None
+
+
+def setup_child(queue: Any, level: str) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(queue)] if queue is not None else [logging.StreamHandler()]
+    root.setLevel(level)

@@ -1,0 +1,146 @@
+"""The leader's scheduling duty: turn due DMS_JOBSCH occurrences into DMS_PRCREQ rows.
+
+Reads current, enabled schedules every ``SCHEDULER_REFRESH_INTERVAL`` (or at once after
+REFRESH_SCHEDULE), asks the pure calculus (``worker.schedule``) what is due by the database
+clock, and writes it through the driver: idempotent inserts, fenced by the leader's epoch,
+together with ``lst_run_dt``/``nxt_run_dt`` (UTC). Between due times it does nothing: the
+service wakes it at the next due instant. Dependent schedules never run on their own clock;
+the finish of a successful parent occurrence enqueues them (see the driver).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from .drivers.base import OccurrenceEnqueue, ScheduleRow, SQLDriver
+from .schedule import InvalidSchedule, Misfire, Schedule, last_at_or_before, parse_misfire, parse_schedule, plan_due
+
+log = logging.getLogger("worker.scheduler")
+UTC = timezone.utc
+
+
+class LeadershipLost(RuntimeError):
+    """A write was fenced off: another replica holds the lease now."""
+
+
+@dataclass
+class _Entry:
+    row: ScheduleRow
+    schedule: Schedule | None = None
+    misfire: Misfire = Misfire.LATEST
+    error: str | None = None
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _naive_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+
+
+def invalid_reason_code(exc: InvalidSchedule) -> str:
+    """A bounded label for metrics, from the field the calculus blamed."""
+    field = getattr(exc, "field", None) or ""
+    return {"frqcd": "bad_code", "cronexp": "bad_cron", "strtdt": "bad_window", "enddt": "bad_window"}.get(
+        field, "bad_field" if field else "other")
+
+
+class Scheduler:
+    def __init__(self, driver: SQLDriver, timezone_name: str, refresh_interval: float, *,
+                 max_catch_up: int = 100,
+                 on_invalid: Callable[[str], None] = lambda code: None,
+                 on_enqueued: Callable[[int, list[float]], None] = lambda n, lateness: None) -> None:
+        self.driver, self.tz, self.refresh_interval = driver, timezone_name, refresh_interval
+        self.max_catch_up = max_catch_up
+        self.on_invalid, self.on_enqueued = on_invalid, on_enqueued
+        self._entries: list[_Entry] = []
+        self._reported: set[tuple[int, str]] = set()
+        self._next_load = 0.0
+        self._next_due: float | None = None
+
+    def reset(self) -> None:
+        """Forget timing state: reread schedules and recompute on the next tick (new leader)."""
+        self._next_load, self._next_due = 0.0, None
+
+    refresh_now = reset
+
+    def next_wake(self) -> float:
+        """Monotonic time the leader must tick next."""
+        return min(self._next_load, self._next_due if self._next_due is not None else math.inf)
+
+    def tick(self, worker_id: str, epoch: int, mono_now: float) -> int:
+        """Enqueue what is due; returns how many new rows. Raises LeadershipLost when fenced."""
+        reloaded = mono_now >= self._next_load
+        if reloaded:
+            self._load()
+            self._next_load = mono_now + self.refresh_interval
+        if not reloaded and self._next_due is not None and mono_now < self._next_due:
+            return 0
+        db_now = _utc(self.driver.now())
+        total, soonest = 0, None
+        for entry in self._entries:
+            if entry.schedule is None or entry.row.dpnd_jobschid is not None:
+                continue
+            total += self._materialise(entry, worker_id, epoch, db_now)
+            nxt = _utc(entry.row.nxt_run_dt)
+            if nxt is not None and (soonest is None or nxt < soonest):
+                soonest = nxt
+        self._next_due = None if soonest is None else mono_now + max(0.0, (soonest - db_now).total_seconds())
+        return total
+
+    def _materialise(self, entry: _Entry, worker_id: str, epoch: int, db_now: datetime) -> int:
+        row, sched = entry.row, entry.schedule
+        last_done = _utc(row.lst_run_dt)
+        plan = plan_due(sched, last_done=last_done, now=db_now, misfire=entry.misfire,
+                        max_catch_up=self.max_catch_up)
+        due_any = bool(plan.to_enqueue) or plan.skipped > 0
+        lst = _naive_utc(last_at_or_before(sched, db_now)) if due_any else row.lst_run_dt
+        nxt = _naive_utc(plan.next_due)
+        if not due_any and nxt == row.nxt_run_dt:
+            return 0
+        times = tuple(_naive_utc(t) for t in plan.to_enqueue)
+        inserted = self.driver.occurrence_enqueue(OccurrenceEnqueue(
+            worker_id=worker_id, epoch=epoch, jobschid=row.jobschid, mapref=row.mapref,
+            scheduled_for=times, lst_run_dt=lst, nxt_run_dt=nxt, payload=row.params))
+        if inserted is None:
+            raise LeadershipLost(f"schedule {row.jobschid}: the lease is no longer ours (epoch {epoch})")
+        entry.row = dataclasses.replace(row, lst_run_dt=lst, nxt_run_dt=nxt)
+        if times:
+            lateness = [(db_now - t).total_seconds() for t in plan.to_enqueue]
+            self.on_enqueued(inserted, lateness)
+            log.info("schedule %s (%s): enqueued %d occurrence(s) up to %s%s", row.jobschid, row.mapref, inserted,
+                     times[-1].isoformat(), f", skipped {plan.skipped} missed ({entry.misfire.value})"
+                     if plan.skipped else "")
+        elif plan.skipped:
+            log.info("schedule %s (%s): skipped %d missed occurrence(s) (misfire %s)", row.jobschid, row.mapref,
+                     plan.skipped, entry.misfire.value)
+        return inserted
+
+    def _load(self) -> None:
+        entries = []
+        for row in self.driver.schedule_list():
+            entry = _Entry(row)
+            if row.dpnd_jobschid is None:      # dependents have no clock of their own
+                try:
+                    entry.schedule = parse_schedule(frqcd=row.frqcd, frqdd=row.frqdd, frqhh=row.frqhh,
+                                                    frqmi=row.frqmi, strtdt=row.strtdt, enddt=row.enddt,
+                                                    cronexp=row.cronexp, tz=self.tz)
+                    entry.misfire = parse_misfire(row.misfire)
+                except InvalidSchedule as exc:
+                    entry.schedule, entry.error = None, str(exc)
+                    self._report(row, exc)
+            entries.append(entry)
+        self._entries = entries
+
+    def _report(self, row: ScheduleRow, exc: InvalidSchedule) -> None:
+        key = (row.jobschid, str(exc))
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        log.warning("schedule %s (%s) skipped: %s", row.jobschid, row.mapref, exc)
+        self.on_invalid(invalid_reason_code(exc))
