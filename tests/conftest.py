@@ -2,6 +2,9 @@
 
 PostgreSQL tests use the local server (127.0.0.1:5432, user postgres, or DMS_TEST_PG_URL). When
 it is unreachable they skip, except under CI (the ``CI`` variable set), where they fail.
+
+Oracle tests (the live Oracle suite: driver conformance, replicas, scheduling) run when
+DMS_TEST_ORACLE_URL names a database user they may fill and empty; see docs/oracle.md.
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ from worker.drivers import make_driver
 from worker.migrate import migrate
 from tests.support import Replica, probe
 
+ORACLE_URL = os.environ.get("DMS_TEST_ORACLE_URL", "").strip()
+# Modules whose tests make up the live Oracle suite; elsewhere the oracle variant is deselected.
+ORACLE_SUITE = ("tests/drivers/test_conformance.py", "tests/drivers/test_leader_conformance.py",
+                "tests/test_replicas.py", "tests/test_scheduling.py")
 PG_ADMIN_URL = os.environ.get("DMS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 TABLES = ["dms_prcreq", "dms_jobsch", "dms_prclog", "dms_joblog", "dms_joberr", "dms_job", "dms_worker",
           "dms_leader", "dms_job_state", "dms_test_probe"]
@@ -71,10 +78,41 @@ def sqlite_url(tmp_path):
     return url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(scope="session")
+def oracle_database_url():
+    if not ORACLE_URL:
+        pytest.skip("DMS_TEST_ORACLE_URL not set: no Oracle database for the live suite (docs/oracle.md)")
+    driver = make_driver(ORACLE_URL)
+    migrate(driver)
+    probe.create(driver.engine, checkfirst=True)
+    driver.dispose()
+    return ORACLE_URL
+
+
+@pytest.fixture
+def oracle_url(oracle_database_url):
+    engine = sa.create_engine(oracle_database_url)
+    with engine.begin() as conn:
+        for table in TABLES:
+            conn.execute(sa.text(f"DELETE FROM {table}"))
+    engine.dispose()
+    return oracle_database_url
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "oracle"])
 def db_url(request):
-    """Each test using this runs once per backend."""
-    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+    """Each test using this runs once per backend (Oracle only with DMS_TEST_ORACLE_URL)."""
+    return request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url", "oracle": "oracle_url"}[request.param])
+
+
+def pytest_collection_modifyitems(config, items):
+    def on_oracle(item) -> bool:
+        return getattr(item, "callspec", None) is not None and item.callspec.params.get("db_url") == "oracle"
+
+    outside = [item for item in items if on_oracle(item) and not item.nodeid.startswith(ORACLE_SUITE)]
+    if outside:
+        config.hook.pytest_deselected(items=outside)
+        items[:] = [item for item in items if item not in outside]
 
 
 @pytest.fixture

@@ -73,20 +73,22 @@ def pending(driver: SQLDriver) -> list[Migration]:
 def migrate(driver: SQLDriver) -> list[Migration]:
     """Apply what is missing; return what was applied. Safe to run from several processes."""
     applied: list[Migration] = []
-    with driver.begin() as conn:
-        with driver.migration_lock(conn):
+    # The lock lives on a connection of its own for the whole run, so that it is released
+    # only after the last version was committed (on Oracle, DDL commits as it goes).
+    with driver.engine.connect() as lock_conn, driver.migration_lock(lock_conn):
+        with driver.begin() as conn:
             s.schema_version.create(conn, checkfirst=True)
-    for m in migrations_for(driver.name):
-        with driver.begin() as conn, driver.migration_lock(conn):
-            row = conn.execute(sa.select(s.schema_version.c.checksum).where(
-                s.schema_version.c.version == m.version)).first()
-            if row is not None:
-                if row.checksum != m.checksum:
-                    log.warning("migration V%03d was edited after it was applied (checksum differs)", m.version)
-                continue
-            log.info("applying migration V%03d %s", m.version, m.description)
-            driver.run_script(conn, m.sql)
-            conn.execute(sa.insert(s.schema_version).values(
-                version=m.version, description=m.description, checksum=m.checksum, applied_at=driver.clock()))
-            applied.append(m)
+        for m in migrations_for(driver.name):
+            with driver.begin() as conn:
+                row = conn.execute(sa.select(s.schema_version.c.checksum).where(
+                    s.schema_version.c.version == m.version)).first()
+                if row is not None:
+                    if row.checksum != m.checksum:
+                        log.warning("migration V%03d was edited after it was applied (checksum differs)", m.version)
+                    continue
+                log.info("applying migration V%03d %s", m.version, m.description)
+                driver.run_script(conn, m.sql)
+                conn.execute(sa.insert(s.schema_version).values(
+                    version=m.version, description=m.description, checksum=m.checksum, applied_at=driver.clock()))
+                applied.append(m)
     return applied

@@ -14,7 +14,10 @@ def make_driver(url: str, *, schema: str | None = None) -> SQLDriver:
     if backend == "sqlite":
         from .sqlite import SQLiteDriver
         return SQLiteDriver(url, schema=schema)
-    raise ValueError(f"no driver for {backend!r} yet (supported: postgresql, sqlite)")
+    if backend == "oracle":
+        from .oracle import OracleDriver
+        return OracleDriver(url, schema=schema)
+    raise ValueError(f"no driver for {backend!r} (supported: oracle, postgresql, sqlite)")
 
 
 __all__ = ["SQLDriver", "make_driver"]

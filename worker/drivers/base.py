@@ -238,6 +238,7 @@ class SQLDriver:
 
     @contextlib.contextmanager
     def migration_lock(self, conn: Connection) -> Iterator[None]:
+        """Serialise concurrent ``migrate`` runs; ``conn`` is held for the whole run."""
         yield
 
     def is_transient(self, exc: BaseException) -> bool:
@@ -249,6 +250,10 @@ class SQLDriver:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def _fit(self, text: str | None, limit: int) -> str | None:
+        """Clip text to a column declared ``limit`` long (characters here; Oracle counts bytes)."""
+        return _truncate(text, limit)
 
     # -- helpers ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -338,7 +343,7 @@ class SQLDriver:
         p = s.prclog.c
         existing = conn.execute(sa.select(p.prcid).where(
             p.request_id == st.request_id, p.worker_id == st.worker_id, p.status == s.IN_PROGRESS,
-            p.param1 == st.params.get("param1") if st.params.get("param1") is not None else p.param1.is_(None),
+            p.param1 == self._fit(st.params["param1"], 250) if st.params.get("param1") is not None else p.param1.is_(None),
         )).scalar()
         if existing is not None:
             return int(existing)
@@ -349,14 +354,14 @@ class SQLDriver:
         return int(conn.execute(sa.insert(s.prclog).values(
             mapref=st.mapref, strtdt=self.clock(), status=s.IN_PROGRESS, request_id=st.request_id,
             worker_id=st.worker_id, attempt=st.attempt,
-            **{k: _truncate(st.params.get(k), 250) for k in s.PARAM_COLUMNS},
+            **{k: self._fit(st.params.get(k), 250) for k in s.PARAM_COLUMNS},
         ).returning(p.prcid)).scalar_one())
 
     def execution_set_session(self, prcid: int, sessionid: str) -> None:
         with self.begin() as conn:
             conn.execute(sa.update(s.prclog).where(s.prclog.c.prcid == prcid,
                                                    s.prclog.c.status == s.IN_PROGRESS)
-                         .values(sessionid=_truncate(sessionid, 64)))
+                         .values(sessionid=self._fit(sessionid, 64)))
 
     def execution_finish_many(self, finishes: Sequence[ExecutionFinish]) -> list[bool]:
         """Close executions (PRCLOG, JOBLOG, JOBERR) and their requests, in one transaction.
@@ -389,18 +394,18 @@ class SQLDriver:
                                         f.result_payload, f.retry_delay_s, f.refund_attempt):
             return False
         conn.execute(sa.update(s.prclog).where(s.prclog.c.prcid == f.prcid).values(
-            status=f.log_status, enddt=self.clock(), msg=_truncate(f.msg, 4000),
-            **({"sessionid": _truncate(f.sessionid, 64)} if f.sessionid else {})))
+            status=f.log_status, enddt=self.clock(), msg=self._fit(f.msg, 4000),
+            **({"sessionid": self._fit(f.sessionid, 64)} if f.sessionid else {})))
         joblogid = conn.execute(sa.insert(s.joblog).values(
             prcdt=f.prcdt, mapref=f.mapref, srcrows=f.srcrows, trgrows=f.trgrows,
             errrows=f.errrows if f.errrows is not None else (len(f.rejects) or None),
-            prcid=f.prcid, sessionid=_truncate(f.sessionid, 64), reccrdt=self.clock(),
+            prcid=f.prcid, sessionid=self._fit(f.sessionid, 64), reccrdt=self.clock(),
         ).returning(s.joblog.c.joblogid)).scalar_one()
-        errors = [dict(errtyp="RECORD", errmsg=_truncate(r.errmsg, 4000), dberrmsg=_truncate(r.dberrmsg, 4000),
-                       keyvalue=_truncate(r.keyvalue, 1000)) for r in f.rejects]
+        errors = [dict(errtyp="RECORD", errmsg=self._fit(r.errmsg, 4000), dberrmsg=self._fit(r.dberrmsg, 4000),
+                       keyvalue=self._fit(r.keyvalue, 1000)) for r in f.rejects]
         if f.error:
             errtyp, errmsg, dberrmsg = f.error
-            errors.append(dict(errtyp=errtyp, errmsg=_truncate(errmsg, 4000), dberrmsg=_truncate(dberrmsg, 4000),
+            errors.append(dict(errtyp=errtyp, errmsg=self._fit(errmsg, 4000), dberrmsg=self._fit(dberrmsg, 4000),
                                keyvalue=None))
         if errors:
             conn.execute(sa.insert(s.joberr).values(joblogid=joblogid, prcdt=f.prcdt, prcid=f.prcid,
