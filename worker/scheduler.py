@@ -79,8 +79,8 @@ class Scheduler:
         if reloaded:
             self._load()
             self._next_load = mono_now + self.refresh_interval
-        if not reloaded and self._next_due is not None and mono_now < self._next_due:
-            return 0
+        if not reloaded and (self._next_due is None or mono_now < self._next_due):
+            return 0            # nothing due before the next reload (or nothing scheduled at all)
         db_now = _utc(self.driver.now())
         total, soonest = 0, None
         for entry in self._entries:

@@ -179,6 +179,63 @@ def test_finish_writes_logs_atomically_and_only_for_the_owner(driver):
     assert not _finish(driver, req, prcid)                   # already finished: a replay writes nothing
 
 
+def test_batched_starts_take_fresh_claims_and_sort_out_the_rest(driver):
+    _register(driver, W1, W2)
+    ids = _enqueue(driver, 4, mapref="BATCH")
+    a, b, c, d = driver.request_claim(ClaimParams(W1, job_limit=4))
+    first = _start(driver, a)                              # a: already started (a replay follows)
+    starts = [ExecutionStart(r.request_id, W1, r.mapref, False, r.attempts, {"param1": f"p{i}", "param10": "z" * 300})
+              for i, r in enumerate((a, b, c, d))]
+    starts[0] = ExecutionStart(a.request_id, W1, a.mapref, True, a.attempts, {"param1": None})  # the replay
+    starts[3] = ExecutionStart(d.request_id, W2, d.mapref, False, d.attempts, {})   # not W2's row
+    results = driver.execution_start_many(starts)
+    assert results[0] == first
+    assert isinstance(results[1], int) and isinstance(results[2], int) and results[1] != results[2]
+    assert results[3] is StartRefused.LOST
+    with driver.engine.connect() as conn:
+        logs = {r.request_id: r for r in conn.execute(sa.select(s.prclog)).all()}
+    assert set(logs) == {a.request_id, b.request_id, c.request_id}
+    assert (logs[b.request_id].prcid, logs[b.request_id].param1, logs[b.request_id].worker_id) == (results[1], "p1", W1)
+    assert logs[c.request_id].param10 == "z" * 250 and logs[c.request_id].status == s.IN_PROGRESS
+    assert [_row(driver, r)["status"] for r in ids] == [s.PROCESSING] * 3 + [s.CLAIMED]
+
+
+def test_batched_exclusive_starts_of_one_mapref_run_one(driver):
+    ids = _enqueue(driver, 3, mapref="SOLO")
+    claimed = driver.request_claim(ClaimParams(W1, job_limit=3))
+    assert len(claimed) == 3
+    results = driver.execution_start_many([ExecutionStart(r.request_id, W1, r.mapref, True, 1, {}) for r in claimed])
+    assert sum(isinstance(r, int) for r in results) == 1
+    assert results.count(StartRefused.BUSY) == 2
+    assert sorted(_row(driver, r)["status"] for r in ids) == [s.CLAIMED, s.CLAIMED, s.PROCESSING]
+
+
+def test_batched_finishes_mix_plain_endings_retries_errors_and_strangers(driver):
+    _register(driver, W1)
+    ids = _enqueue(driver, 5, mapref="MIX")
+    reqs = driver.request_claim(ClaimParams(W1, job_limit=5))
+    prcids = driver.execution_start_many([ExecutionStart(r.request_id, W1, r.mapref, False, 1, {}) for r in reqs])
+    f = [ExecutionFinish(r.request_id, W1, p, r.mapref, s.COMPLETED, request_status=s.DONE, msg="ok", srcrows=i,
+                         sessionid="sess") for i, (r, p) in enumerate(zip(reqs, prcids))]
+    f[1] = ExecutionFinish(reqs[1].request_id, W1, prcids[1], "MIX", s.LOG_FAILED, request_status=s.NEW, retry_delay_s=60)
+    f[2] = ExecutionFinish(reqs[2].request_id, W1, prcids[2], "MIX", s.LOG_FAILED, request_status=s.FAILED,
+                           error=("EXECUTION", "boom", None), result_payload='{"error":"boom"}')
+    f[3] = ExecutionFinish(reqs[3].request_id, W2, prcids[3], "MIX", s.COMPLETED, request_status=s.DONE)  # not W2's
+    assert driver.execution_finish_many(f) == [True, True, True, False, True]
+    assert [_row(driver, r)["status"] for r in ids] == [s.DONE, s.NEW, s.FAILED, s.PROCESSING, s.DONE]
+    with driver.engine.connect() as conn:
+        logs = dict(conn.execute(sa.select(s.prclog.c.prcid, s.prclog.c.status)).all())
+        joblogs = {r.prcid: r for r in conn.execute(sa.select(s.joblog)).all()}
+        errors = conn.execute(sa.select(s.joberr.c.prcid, s.joberr.c.errmsg)).all()
+    assert [logs[p] for p in prcids] == [s.COMPLETED, s.LOG_FAILED, s.LOG_FAILED, s.IN_PROGRESS, s.COMPLETED]
+    assert sorted(joblogs) == sorted([prcids[0], prcids[1], prcids[2], prcids[4]])
+    assert (joblogs[prcids[4]].srcrows, joblogs[prcids[4]].sessionid, joblogs[prcids[4]].mapref) == (4, "sess", "MIX")
+    assert errors == [(prcids[2], "boom")]
+    assert driver.execution_finish_many([f[0], f[4]]) == [False, False], "a replay writes nothing"
+    with driver.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(s.joblog)).scalar() == 4
+
+
 def test_retry_returns_to_new_with_a_not_before(driver):
     _enqueue(driver, 1)
     req = driver.request_claim(ClaimParams(W1, job_limit=1))[0]
