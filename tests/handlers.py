@@ -54,3 +54,12 @@ def odd_seconds_fail(ctx) -> None:
 def echo(ctx) -> dict:
     """Returns what the handler was given, so a test can read it back from result_payload."""
     return {"payload": ctx.payload, "param2": ctx.params.get("param2"), "param3": ctx.params.get("param3")}
+
+
+def loud_when_stopped(ctx) -> None:
+    """Runs until stopped, then logs a very large record on its way out (as a traceback can be)."""
+    open(ctx.payload["running_flag"], "w").close()
+    while not ctx.cancelled():
+        time.sleep(0.01)
+    ctx.logger.warning("stopped after all this: %s", "x" * 300_000)
+    ctx.check_cancelled()

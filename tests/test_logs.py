@@ -24,3 +24,39 @@ def test_json_lines_and_rotation(tmp_path):
         assert not (tmp_path / "replica.log.3").exists(), "at most 2 backups kept"
     finally:
         logs.setup("WARNING")     # back to stderr for the rest of the session
+
+
+def test_a_stopped_execution_that_logs_on_its_way_out_does_not_silence_the_replica(sqlite_url, tmp_path):
+    """Children log through one shared queue; one that ended itself while its record was still
+    being written would leave the queue's lock taken: the replica's own logging, and its exit,
+    would then block for good."""
+    import signal
+    import time
+
+    import sqlalchemy as sa
+
+    from worker import client
+    from tests.support import Replica
+
+    engine = sa.create_engine(sqlite_url)
+    client.register_job(engine, "LOUD", "tests.handlers:loud_when_stopped")
+    client.register_job(engine, "QUIET", "worker.jobs.builtin:noop")
+    r = Replica(sqlite_url, "loud", tmp_path, SCHEDULER_POLL_INTERVAL="0.2").start()
+    try:
+        r.wait_registered(engine)
+        flag = tmp_path / "running"
+        loud = client.enqueue(engine, "LOUD", running_flag=str(flag))
+        wait_until(flag.exists, 30, "the job to run")
+        client.request_stop(engine, request_id=loud)
+        wait_until(lambda: client.request_status(engine, loud)["status"] == "CANCELLED", 30, "the stop")
+        quiet = client.enqueue(engine, "QUIET")
+        wait_until(lambda: client.request_status(engine, quiet)["status"] == "DONE", 30, "the next job")
+        wait_until(lambda: f"end request={quiet}" in r.log(), 10, "the replica's log line for the next job")
+        started = time.monotonic()
+        r.proc.send_signal(signal.SIGTERM)
+        assert r.proc.wait(20) == 0
+        assert time.monotonic() - started < 10, "SIGTERM exits promptly"
+        assert "stopped after all this" in r.log() and "replica loud" in r.log().splitlines()[-1]
+    finally:
+        r.stop()
+        engine.dispose()

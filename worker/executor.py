@@ -196,8 +196,9 @@ def child_main(conn: Any, config: ChildConfig, lease: Any, log_queue: Any) -> No
                 except Exception:  # noqa: BLE001 - we are exiting either way
                     pass
         # The cancelled call makes the handler raise: let it clean up (temporary files) for a
-        # moment, less than the parent waits before it kills us.
-        state.idle.wait(max(0.0, config.stop_grace - 0.1))
+        # moment, and its log records reach the pipe, less than the parent waits to kill us.
+        state.idle.wait(max(0.0, config.stop_grace - 0.25))
+        logs.flush_child(0.15)
         os._exit(code)
 
     def reader() -> None:

@@ -11,6 +11,7 @@ import logging
 import logging.handlers
 import multiprocessing
 import sys
+import threading
 from typing import Any
 
 from multiprocessing_logging import MultiProcessingHandler
@@ -39,6 +40,9 @@ class SpawnMultiProcessingHandler(MultiProcessingHandler):
         super().__init__(name, sub_handler=sub_handler)
         # The receiving thread reads ``self.queue`` afresh on every loop.
         self.queue = SPAWN.Queue(-1)
+        # Never let the replica's exit wait on this queue's feeder thread: if a killed child
+        # left the pipe's lock taken, that wait would never end (close() drains what it can).
+        self.queue.cancel_join_thread()
 
 
 _installed: SpawnMultiProcessingHandler | None = None
@@ -72,3 +76,19 @@ def setup_child(queue: Any, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(queue)] if queue is not None else [logging.StreamHandler()]
     root.setLevel(level)
+
+
+def flush_child(timeout: float) -> None:
+    """Push a child's buffered records into the pipe before it ends itself with ``os._exit``.
+
+    Children share one queue whose writers take a lock across processes; a child that exits
+    while its feeder thread is mid-write leaves that lock taken and the stream cut, and every
+    other writer, the replica's own logging included, then blocks for good.
+    """
+    for handler in logging.getLogger().handlers:
+        q = getattr(handler, "queue", None)
+        if q is None or not hasattr(q, "join_thread"):
+            continue
+        flusher = threading.Thread(target=lambda q=q: (q.close(), q.join_thread()), daemon=True)
+        flusher.start()
+        flusher.join(timeout)
