@@ -51,8 +51,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.migrate:
         from .migrate import migrate
         migrate(driver)
-    _require_schema(driver)
-    return SchedulerService(cfg, driver).run()
+    try:
+        _require_schema(driver)
+        return SchedulerService(cfg, driver).run()
+    finally:
+        logs.close()      # deliver the last records (the exit's own) before the process ends
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

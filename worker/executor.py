@@ -183,7 +183,7 @@ def child_main(conn: Any, config: ChildConfig, lease: Any, log_queue: Any) -> No
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.setup_child(log_queue, config.log_level)
-    driver = make_driver(config.database_url, schema=config.schema)
+    driver = make_driver(config.database_url, schema=config.schema, pre_ping=True)
     state = _ChildState()
     inbox: queue.Queue = queue.Queue()
 

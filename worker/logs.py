@@ -67,6 +67,15 @@ def setup(level: str = "INFO", log_file: str | None = None, json_lines: bool = F
     root.setLevel(level)
 
 
+def close() -> None:
+    """Write out every record still on its way (children's included), then stop receiving."""
+    global _installed
+    if _installed is not None:
+        logging.getLogger().removeHandler(_installed)
+        _installed.close()
+        _installed = None
+
+
 def child_queue() -> Any:
     """The queue children log into, or None when the replica's logging is not ours."""
     return _installed.queue if _installed is not None else None

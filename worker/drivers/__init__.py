@@ -6,17 +6,17 @@ import sqlalchemy as sa
 from .base import SQLDriver
 
 
-def make_driver(url: str, *, schema: str | None = None) -> SQLDriver:
+def make_driver(url: str, *, schema: str | None = None, pre_ping: bool = False) -> SQLDriver:
     backend = sa.engine.make_url(url).get_backend_name()
     if backend == "postgresql":
         from .postgresql import PostgresDriver
-        return PostgresDriver(url, schema=schema)
+        return PostgresDriver(url, schema=schema, pre_ping=pre_ping)
     if backend == "sqlite":
         from .sqlite import SQLiteDriver
-        return SQLiteDriver(url, schema=schema)
+        return SQLiteDriver(url, schema=schema, pre_ping=pre_ping)
     if backend == "oracle":
         from .oracle import OracleDriver
-        return OracleDriver(url, schema=schema)
+        return OracleDriver(url, schema=schema, pre_ping=pre_ping)
     raise ValueError(f"no driver for {backend!r} (supported: oracle, postgresql, sqlite)")
 
 

@@ -198,9 +198,13 @@ class SQLDriver:
     name = "abstract"
     supports_procedures = False
 
-    def __init__(self, url: str, *, schema: str | None = None, engine: Engine | None = None) -> None:
+    def __init__(self, url: str, *, schema: str | None = None, engine: Engine | None = None,
+                 pre_ping: bool = False) -> None:
         self.url = url
         self.schema = schema
+        # The control loop retries (tenacity) and so needs no ping before each checkout;
+        # handlers get a connection and no retry, so execution processes ask for one.
+        self.pre_ping = pre_ping
         self.engine = engine or self._create_engine(url)
 
     # -- dialect hooks ---------------------------------------------------------------------

@@ -99,17 +99,18 @@ class OracleDriver(SQLDriver):
     default_leader_mode = "lock"
     aq_recheck_s = 60.0
 
-    def __init__(self, url: str, *, schema: str | None = None, engine: Engine | None = None) -> None:
+    def __init__(self, url: str, *, schema: str | None = None, engine: Engine | None = None,
+                 pre_ping: bool = False) -> None:
         if schema is not None and not _IDENT.match(schema):
             raise ValueError(f"invalid schema name {schema!r}")
-        super().__init__(url, schema=schema, engine=engine)
+        super().__init__(url, schema=schema, engine=engine, pre_ping=pre_ping)
         self._aq_checked_at: float | None = None
 
     def _create_engine(self, url: str) -> Engine:
         u = sa.engine.make_url(url)
         if u.drivername == "oracle":
             u = u.set(drivername="oracle+oracledb")
-        engine = sa.create_engine(u, pool_pre_ping=True, pool_size=4, max_overflow=4)
+        engine = sa.create_engine(u, pool_pre_ping=self.pre_ping, pool_size=4, max_overflow=4)
         sa.event.listen(engine, "connect", lambda dbapi_conn, _rec: self._on_connect(dbapi_conn))
         return engine
 

@@ -119,10 +119,10 @@ class PostgresDriver(SQLDriver):
         u = sa.engine.make_url(url)
         if u.drivername == "postgresql":
             u = u.set(drivername="postgresql+psycopg")
-        # No pre-ping: it would double the round trips of every transaction. A connection that
-        # died with the server fails its first statement instead, SQLAlchemy then discards the
-        # pool, and the caller's retry (tenacity) runs on a fresh connection.
-        engine = sa.create_engine(u, pool_size=4, max_overflow=4)
+        # No pre-ping in the control loop: it would double the round trips of every transaction.
+        # A connection that died with the server fails its first statement instead, SQLAlchemy
+        # then discards the pool, and the loop's retry (tenacity) runs on a fresh connection.
+        engine = sa.create_engine(u, pool_size=4, max_overflow=4, pool_pre_ping=self.pre_ping)
         if self.schema:
             schema = self.schema
 
@@ -280,6 +280,8 @@ class PostgresDriver(SQLDriver):
         sqlstate = getattr(orig, "sqlstate", None) or ""
         # 08: connection exceptions; 57P: operator intervention (shutdown); 40: serialization/deadlock
         if sqlstate.startswith(("08", "57P", "40")):
+            return True
+        if isinstance(orig, psycopg.OperationalError):   # e.g. the elector's own connection was lost
             return True
         return super().is_transient(exc)
 
