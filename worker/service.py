@@ -349,6 +349,9 @@ class SchedulerService:
                 self._step_down()
             return
         epoch = self._elector.attempt(self.worker_id)
+        expires_in = getattr(self._elector, "expires_in", None)
+        if epoch is None and expires_in is not None and 0 <= expires_in < self.config.heartbeat_interval:
+            self._next_lead = now + expires_in + 0.01     # ask again the moment the lease expires
         if epoch is not None:
             self._epoch, self._lease_until = epoch, now + valid_for
             self.metrics.set_leader(True)

@@ -81,6 +81,17 @@ def test_an_expired_lease_is_taken_over_and_fences_the_old_leader(driver):
     assert driver.occurrence_enqueue(OccurrenceEnqueue(W2, new, jid, "M", (t,), t, None)) == 1
 
 
+def test_a_follower_learns_when_the_lease_expires(driver, electors):
+    a, b = electors
+    assert a.attempt(W1) is not None
+    assert b.attempt(W2) is None
+    assert 25 < b.expires_in <= 30, "the holder's lease runs for its TTL, by the database clock"
+    with driver.begin() as conn:
+        conn.execute(sa.update(s.leader).values(expires_at=driver.clock(0.5)))
+    assert b.attempt(W2) is None and 0 < b.expires_in <= 0.5
+    wait_until(lambda: b.attempt(W2), 5, "the follower to take the expired lease", interval=max(b.expires_in, 0.05))
+
+
 def test_a_killed_lock_holder_releases_leadership_at_once(driver):
     try:
         a, b = driver.leader_elector("lock", 30), driver.leader_elector("lock", 30)

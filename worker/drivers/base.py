@@ -677,6 +677,9 @@ class LeaseElector:
 
     def __init__(self, driver: SQLDriver, ttl_s: float) -> None:
         self.driver, self.ttl_s = driver, ttl_s
+        # After a failed attempt: seconds until the holder's lease expires (database clock), so
+        # that a follower can ask again right then rather than at its next heartbeat.
+        self.expires_in: float | None = None
 
     def attempt(self, worker_id: str) -> int | None:
         return self._take(worker_id, force=False)
@@ -688,8 +691,12 @@ class LeaseElector:
             taken = conn.execute(sa.update(s.leader).where(l.name == LEADER_NAME, *(() if force else (free,)))
                                  .values(holder=worker_id, epoch=l.epoch + 1, acquired_at=d.clock(),
                                          expires_at=d.clock(self.ttl_s))).rowcount
+            self.expires_in = None
             if not taken:
-                if conn.execute(sa.select(l.name).where(l.name == LEADER_NAME)).first() is not None:
+                held = conn.execute(sa.select(l.expires_at, d.clock()).where(l.name == LEADER_NAME)).first()
+                if held is not None:
+                    if held[0] is not None:
+                        self.expires_in = (held[0] - held[1]).total_seconds()
                     return None
                 try:
                     with conn.begin_nested():
