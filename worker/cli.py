@@ -48,14 +48,35 @@ def cmd_run(args: argparse.Namespace) -> int:
                   worker_name=args.name)
     logs.setup(cfg.log_level, cfg.log_file, cfg.log_json)
     driver = _driver(cfg)
-    if args.migrate:
-        from .migrate import migrate
-        migrate(driver)
     try:
-        _require_schema(driver)
+        _wait_for_database(driver, lambda: _prepare(driver, args.migrate))
         return SchedulerService(cfg, driver).run()
     finally:
         logs.close()      # deliver the last records (the exit's own) before the process ends
+
+
+def _prepare(driver, migrate_first: bool) -> None:
+    if migrate_first:
+        from .migrate import migrate
+        migrate(driver)
+    _require_schema(driver)
+
+
+def _wait_for_database(driver, step) -> None:
+    """Run ``step`` once the database answers: a replica started during an outage waits (and
+    says so) instead of exiting, which a supervisor would soon count as a failed start."""
+    import logging
+
+    import tenacity
+
+    log = logging.getLogger("worker.cli")
+
+    def waiting(state: tenacity.RetryCallState) -> None:
+        log.warning("database unreachable (%s); retrying in %.0f s",
+                    " ".join(str(state.outcome.exception()).split())[:200], state.next_action.sleep)
+
+    tenacity.Retrying(retry=tenacity.retry_if_exception(driver.is_transient), reraise=True,
+                      wait=tenacity.wait_exponential(multiplier=0.5, max=10), before_sleep=waiting)(step)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -164,6 +164,13 @@ class PrivateCluster:
         self.restarts.append(took)
         return took
 
+    def halt(self) -> None:
+        """Stop the server, leaving the cluster in place (``resume`` starts it again)."""
+        self._run("pg_ctl", "stop", "-w", "-D", str(self.datadir), "-m", "fast")
+
+    def resume(self) -> None:
+        self._pg_ctl_start()
+
     def server_log(self) -> str:
         path = self.root / "server.log" if self.root else None
         return path.read_text(errors="replace") if path and path.exists() else ""

@@ -281,3 +281,26 @@ def test_the_first_job_after_a_database_restart_gets_a_live_connection(private_c
     finally:
         r.stop()
         engine.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_replica_started_during_an_outage_waits_for_the_database(private_cluster, tmp_path):
+    """Under supervisord a replica that exits at once on a refused connection is soon FATAL."""
+    from tests.chaos.harness import REPLICA_ENV, ChaosReplica
+    from tests.support import wait_until
+
+    private_cluster.halt()
+    r = ChaosReplica(private_cluster.url, "early", tmp_path, **REPLICA_ENV).start()
+    try:
+        wait_until(lambda: "database unreachable" in r.log(), 30, "the replica to say it waits")
+        assert r.proc.poll() is None, r.log()
+        private_cluster.resume()
+        engine = sa.create_engine(private_cluster.url)
+        try:
+            r.wait_registered(engine, 60)
+        finally:
+            engine.dispose()
+        r.alive_or_fail()
+    finally:
+        r.stop()

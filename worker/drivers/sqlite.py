@@ -72,6 +72,12 @@ class SQLiteDriver(SQLDriver):
         stmt = sqlite_insert(s.prcreq).values(rows).on_conflict_do_nothing().returning(s.prcreq.c.request_id)
         return len(conn.execute(stmt).all())
 
+    def is_transient(self, exc: BaseException) -> bool:
+        """A file has no outages: only a lock held by another process is worth waiting for;
+        "unable to open database file" or "no such table" will not go away by retrying."""
+        text = str(getattr(exc, "orig", exc)).lower()
+        return "locked" in text or "busy" in text
+
     def session_id(self, dbapi_conn: Any) -> str | None:
         return f"sqlite:{os.getpid()}"
 
