@@ -349,7 +349,7 @@ class SchedulerService:
                 self._step_down()
             return
         epoch = self._elector.attempt(self.worker_id)
-        expires_in = getattr(self._elector, "expires_in", None)
+        expires_in = self._elector.expires_in
         if epoch is None and expires_in is not None and 0 <= expires_in < self.config.heartbeat_interval:
             self._next_lead = now + expires_in + 0.01     # ask again the moment the lease expires
         if epoch is not None:

@@ -1,15 +1,12 @@
 """Plumbing shared by the peer benchmarks (run with bench/.venv-peers/bin/python).
 
 bench/common.py cannot be imported here: it imports SQLAlchemy and dms-worker itself, neither of
-which is in the peers' environment. ``percentile``, ``summary_ms``, ``print_table`` and
-``write_json`` are copies of its pure helpers, with the same semantics (linear interpolation
-between closest ranks), so that the peers' p50/p99 are computed exactly as ours.
+which is in the peers' environment. The figures and results files come from bench/report.py
+(standard library only), the same module ours use, so the peers' p50/p99 are computed as ours.
 """
 from __future__ import annotations
 
-import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -20,7 +17,8 @@ from typing import Any
 import psycopg
 
 REPO = Path(__file__).resolve().parents[2]
-RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO / "bench"))
+from report import RESULTS, percentile, print_table, summary_ms, write_json  # noqa: E402,F401  (re-exported)
 # Same variable as bench/common.py (an SQLAlchemy URL); the driver suffix is dropped for libpq.
 ADMIN_URL = os.environ.get("DMS_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
@@ -83,32 +81,3 @@ def stop(procs: list[subprocess.Popen], timeout: float = 20) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def summary_ms(values_s: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values_s]
-    return {"n": len(ms), "p50_ms": round(percentile(ms, 50), 2), "p99_ms": round(percentile(ms, 99), 2),
-            "mean_ms": round(statistics.fmean(ms), 2), "max_ms": round(max(ms), 2)}
-
-
-def print_table(title: str, rows: list[dict[str, Any]]) -> None:
-    print(f"\n{title}")
-    cols = list(rows[0])
-    widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in cols]
-    print("  " + "  ".join(str(c).ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  " + "  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))
-
-
-def write_json(name: str, data: Any) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2, default=str))
-    return path

@@ -350,3 +350,29 @@ def test_listener_wakes_on_a_committed_insert(driver):
         assert "dms_prcreq" in listener.drain()
     finally:
         listener.close()
+
+
+def test_postgresql_schema_setting_reaches_every_connection(pg_url):
+    """SCHEMA puts the tables in their own schema: pooled, claim and execution connections all
+    find them through search_path."""
+    from worker.drivers import make_driver
+    from worker.migrate import migrate
+
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text('DROP SCHEMA IF EXISTS "dms alt" CASCADE'))
+        conn.execute(sa.text('CREATE SCHEMA "dms alt"'))
+    d = make_driver(pg_url, schema="dms alt")
+    try:
+        migrate(d)
+        _register(d, W1)
+        ids = _enqueue(d, 2, mapref="ALT")
+        assert [r.request_id for r in d.request_claim(ClaimParams(W1, job_limit=2))] == ids
+        with admin.connect() as conn:
+            assert conn.execute(sa.text('SELECT count(*) FROM "dms alt".dms_prcreq WHERE status = \'CLAIMED\'')).scalar() == 2
+            assert conn.execute(sa.text("SELECT count(*) FROM public.dms_prcreq")).scalar() == 0
+    finally:
+        d.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text('DROP SCHEMA "dms alt" CASCADE'))
+        admin.dispose()

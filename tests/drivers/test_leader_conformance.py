@@ -106,6 +106,20 @@ def test_a_killed_lock_holder_releases_leadership_at_once(driver):
     b.close()
 
 
+def test_a_lock_holder_whose_session_was_lost_reconnects(driver):
+    try:
+        a = driver.leader_elector("lock", 30)
+    except ValueError:
+        pytest.skip(f"{driver.name} has no session-lock leader")
+    first = a.attempt(W1)
+    assert first is not None
+    a.conn.close()                                  # lost under it, as in a server restart
+    with pytest.raises(Exception):
+        a.attempt(W1)                               # reported (the control loop retries) ...
+    assert a.attempt(W1) == first + 1               # ... and the next attempt runs on a new session
+    a.close()
+
+
 def test_a_hung_lock_holder_is_replaced_once_its_lease_expires(driver):
     try:
         a, b = driver.leader_elector("lock", 30), driver.leader_elector("lock", 30)

@@ -185,10 +185,6 @@ def dumps(value: Any) -> str:
     return json.dumps(value, default=str, separators=(",", ":"))
 
 
-def _truncate(text: str | None, limit: int) -> str | None:
-    return None if text is None else text[:limit]
-
-
 # ---------------------------------------------------------------------------------------------
 # The portable implementation
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +253,7 @@ class SQLDriver:
 
     def _fit(self, text: str | None, limit: int) -> str | None:
         """Clip text to a column declared ``limit`` long (characters here; Oracle counts bytes)."""
-        return _truncate(text, limit)
+        return None if text is None else text[:limit]
 
     # -- helpers ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -725,6 +721,74 @@ class LeaseElector:
 
     def close(self) -> None:
         pass
+
+
+class SessionLockElector(LeaseElector):
+    """Leadership by a session lock held on a dedicated connection, plus the lease row.
+
+    The server releases the lock the moment the holder's session ends (a killed leader's socket
+    closes), so a follower takes over on its next attempt. The DMS_LEADER row is still written:
+    its epoch fences leader actions, and its expiry lets a follower replace a hung leader that
+    stays connected and so keeps the lock. Drivers supply the four session steps.
+    """
+
+    mode = "lock"
+
+    def __init__(self, driver: SQLDriver, ttl_s: float) -> None:
+        super().__init__(driver, ttl_s)
+        self.conn: Any = None
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _try_lock(self) -> bool:
+        raise NotImplementedError
+
+    def _ping(self) -> None:
+        raise NotImplementedError
+
+    def _unlock(self) -> None:
+        raise NotImplementedError
+
+    def attempt(self, worker_id: str) -> int | None:
+        if self.conn is None:
+            self.conn = self._connect()
+        try:
+            locked = self._try_lock()
+        except Exception:
+            self.close()                                # a lost session: the next attempt reconnects
+            raise
+        if not locked:
+            return self._take(worker_id, force=False)   # held elsewhere: only an expired lease is ours
+        try:
+            return self._take(worker_id, force=True)    # ours: its last holder's session is gone
+        except Exception:
+            self.close()                                # never keep the lock without the row
+            raise
+
+    def renew(self, worker_id: str, epoch: int) -> bool:
+        try:
+            self._ping()
+        except Exception:  # noqa: BLE001 - the session, and so the lock, is gone
+            self.close()
+            return False
+        return super().renew(worker_id, epoch)
+
+    def resign(self, worker_id: str, epoch: int) -> None:
+        try:
+            super().resign(worker_id, epoch)
+            if self.conn is not None:
+                # Unlock explicitly: closing the session releases it too, but only once the
+                # server has noticed, and a successor may be asking right now.
+                self._unlock()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()     # ends the session: the server releases the lock
+            self.conn = None
 
 
 class Listener:

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .. import schema as s
-from .base import ClaimedRequest, ClaimParams, LeaseElector, Listener, SQLDriver
+from .base import ClaimedRequest, ClaimParams, Listener, SessionLockElector, SQLDriver
 from .oracle_script import split_script
 
 log = logging.getLogger(__name__)
@@ -280,54 +280,23 @@ def _lock_request(cursor: Any, lock_id: int, timeout_s: int) -> int:
     return code
 
 
-class OracleLockElector(LeaseElector):
+class OracleLockElector(SessionLockElector):
     """Leadership by ``DBMS_LOCK.REQUEST`` (exclusive, timeout 0, kept across commits) held by a
-    dedicated session. The server releases it when that session ends, so a killed leader's
-    successor takes over on its next attempt; the DMS_LEADER row carries the epoch that fences
-    leader actions, and its expiry lets a follower replace a hung leader that keeps the lock.
-    """
+    dedicated session outside the pool."""
 
-    mode = "lock"
+    def _connect(self) -> Any:
+        return self.driver.connect_dedicated()
 
-    def __init__(self, driver: OracleDriver, ttl_s: float) -> None:
-        super().__init__(driver, ttl_s)
-        self.conn: Any = None
-
-    def attempt(self, worker_id: str) -> int | None:
-        if self.conn is None:
-            self.conn = self.driver.connect_dedicated()
+    def _try_lock(self) -> bool:
         with self.conn.cursor() as cur:
-            code = _lock_request(cur, LEADER_LOCK_ID, timeout_s=0)
-        if code == _LOCK_TIMEOUT:
-            return self._take(worker_id, force=False)   # held elsewhere: only an expired lease is ours
-        try:
-            return self._take(worker_id, force=True)    # ours (0) or already ours (4)
-        except Exception:
-            self.close()                                # never keep the lock without the row
-            raise
+            return _lock_request(cur, LEADER_LOCK_ID, timeout_s=0) != _LOCK_TIMEOUT   # 0, or 4: already ours
 
-    def renew(self, worker_id: str, epoch: int) -> bool:
-        try:
-            self.conn.ping()
-        except Exception:  # noqa: BLE001 - the session, and so the lock, is gone
-            self.close()
-            return False
-        return super().renew(worker_id, epoch)
+    def _ping(self) -> None:
+        self.conn.ping()
 
-    def resign(self, worker_id: str, epoch: int) -> None:
-        try:
-            super().resign(worker_id, epoch)
-            if self.conn is not None:
-                with self.conn.cursor() as cur:      # release at once; closing would do it too, later
-                    cur.execute(LOCK_RELEASE_SQL, result=cur.var(int), lock_id=LEADER_LOCK_ID)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.close()
-            self.conn = None
+    def _unlock(self) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute(LOCK_RELEASE_SQL, result=cur.var(int), lock_id=LEADER_LOCK_ID)
 
 
 class AqListener(Listener):

@@ -17,8 +17,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from .. import schema as s
-from .base import (ClaimedRequest, ClaimParams, ExecutionFinish, ExecutionStart, LeaseElector, Listener, SQLDriver,
-                   StartRefused)
+from .base import (ClaimedRequest, ClaimParams, ExecutionFinish, ExecutionStart, Listener, SessionLockElector,
+                   SQLDriver, StartRefused)
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 MIGRATION_LOCK_ID = 0x646D7301  # 'dms' + 1: serialises concurrent `migrate` runs
@@ -124,14 +124,16 @@ class PostgresDriver(SQLDriver):
         # then discards the pool, and the loop's retry (tenacity) runs on a fresh connection.
         engine = sa.create_engine(u, pool_size=4, max_overflow=4, pool_pre_ping=self.pre_ping)
         if self.schema:
-            schema = self.schema
-
             @sa.event.listens_for(engine, "connect")
             def _search_path(dbapi_conn, _record):  # noqa: ANN001
-                with dbapi_conn.cursor() as cur:
-                    cur.execute(sa.text("SET search_path TO {}").text.format(_quote_ident(schema)))
-                dbapi_conn.commit()
+                self._set_session(dbapi_conn)
         return engine
+
+    def _set_session(self, dbapi_conn: Any, *settings: str) -> None:
+        """Session settings for a new connection: the given ones and the schema's search_path."""
+        for setting in settings + ((f"SET search_path TO {_quote_ident(self.schema)}",) if self.schema else ()):
+            dbapi_conn.execute(setting)
+        dbapi_conn.commit()
 
     _claim_engine: Engine | None = None
 
@@ -148,14 +150,9 @@ class PostgresDriver(SQLDriver):
 
             @sa.event.listens_for(engine, "connect")
             def _planner(dbapi_conn, _record):  # noqa: ANN001
-                dbapi_conn.execute("SET enable_sort = off")
-                dbapi_conn.execute("SET enable_bitmapscan = off")
-                # The settings above add a large constant to the costs of the paths they rule
-                # out; without this the planner would think the claim worth compiling with JIT.
-                dbapi_conn.execute("SET jit = off")
-                if self.schema:
-                    dbapi_conn.execute(sa.text("SET search_path TO {}").text.format(_quote_ident(self.schema)))
-                dbapi_conn.commit()
+                # The first two add a large constant to the costs of the paths they rule out;
+                # without the third the planner would think the claim worth compiling with JIT.
+                self._set_session(dbapi_conn, "SET enable_sort = off", "SET enable_bitmapscan = off", "SET jit = off")
 
             self._claim_engine = engine
         return self._claim_engine.connect()
@@ -286,56 +283,20 @@ class PostgresDriver(SQLDriver):
         return super().is_transient(exc)
 
 
-class PgLockElector(LeaseElector):
-    """Leadership by ``pg_try_advisory_lock`` held on a dedicated connection.
+class PgLockElector(SessionLockElector):
+    """Leadership by ``pg_try_advisory_lock`` held on a dedicated autocommit connection."""
 
-    The server releases the lock the moment the holder's session ends (a killed leader's
-    socket closes), so a follower takes over on its next attempt. The DMS_LEADER row is still
-    written, for display and for epoch fencing of leader actions.
-    """
+    def _connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.driver.libpq_url, autocommit=True)
 
-    mode = "lock"
+    def _try_lock(self) -> bool:
+        return self.conn.execute("SELECT pg_try_advisory_lock(%s)", [LEADER_LOCK_ID]).fetchone()[0]
 
-    def __init__(self, driver: PostgresDriver, ttl_s: float) -> None:
-        super().__init__(driver, ttl_s)
-        self.conn: psycopg.Connection | None = None
+    def _ping(self) -> None:
+        self.conn.execute("SELECT 1")
 
-    def attempt(self, worker_id: str) -> int | None:
-        if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(self.driver.libpq_url, autocommit=True)
-        if not self.conn.execute("SELECT pg_try_advisory_lock(%s)", [LEADER_LOCK_ID]).fetchone()[0]:
-            # A hung but connected leader keeps the lock and stops renewing: once its lease
-            # has expired, take over by the lease alone; the epoch fences it if it wakes up.
-            return self._take(worker_id, force=False)
-        try:
-            return self._take(worker_id, force=True)   # the lock is ours: its last holder's session is gone
-        except Exception:
-            self.close()                             # never keep the lock without the row
-            raise
-
-    def renew(self, worker_id: str, epoch: int) -> bool:
-        try:
-            self.conn.execute("SELECT 1")
-        except Exception:  # noqa: BLE001 - the session (and so the lock) is gone
-            self.close()
-            return False
-        return super().renew(worker_id, epoch)
-
-    def resign(self, worker_id: str, epoch: int) -> None:
-        try:
-            super().resign(worker_id, epoch)
-            if self.conn is not None and not self.conn.closed:
-                # Unlock explicitly: closing the session releases it too, but only once the
-                # server has noticed, and a successor may be asking right now.
-                self.conn.execute("SELECT pg_advisory_unlock(%s)", [LEADER_LOCK_ID])
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.close()     # ends the session: the server releases the lock
-            self.conn = None
+    def _unlock(self) -> None:
+        self.conn.execute("SELECT pg_advisory_unlock(%s)", [LEADER_LOCK_ID])
 
 
 class PgListener(Listener):
