@@ -193,15 +193,17 @@ def _oracle_tables(sql: str) -> dict[str, dict[str, tuple[str, int | None, bool]
 
 @pytest.fixture(scope="module")
 def oracle_sql() -> str:
-    return "\n".join(m.sql for m in migrations_for("oracle"))   # every version, in order
+    # Every version, in order. sqlglot does not model a constraint's state clause; the rest of
+    # the statement must still parse as real DDL.
+    return "\n".join(m.sql for m in migrations_for("oracle")).replace(" ENABLE NOVALIDATE;", ";")
 
 
 def test_oracle_migration_parses(oracle_sql):
     statements = sqlglot.parse(oracle_sql, read="oracle", error_level=sqlglot.ErrorLevel.RAISE)
     assert statements and all(st is not None for st in statements)
     # sqlglot falls back to exp.Command for text it does not understand: every statement must be real DDL.
-    assert all(isinstance(st, (exp.Create, exp.Alter)) for st in statements), [
-        st.sql()[:80] for st in statements if not isinstance(st, (exp.Create, exp.Alter))]
+    assert all(isinstance(st, (exp.Create, exp.Alter, exp.Drop)) for st in statements), [
+        st.sql()[:80] for st in statements if not isinstance(st, (exp.Create, exp.Alter, exp.Drop))]
     created = sum(isinstance(st, exp.Create) and st.kind == "TABLE" for st in statements)
     assert created == len(set(s.metadata.tables) - BOOKKEEPING_TABLES)
 

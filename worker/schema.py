@@ -55,6 +55,10 @@ prcreq = sa.Table(
     # refuse a second concurrent execution of that mapref (NULLs never collide).
     sa.Column("excl_key", sa.String(100)),
     sa.Column("stop_requested_at", Timestamp),
+    # V003: queue controls. Higher priority is claimed first; a unique key is held by at most
+    # one waiting or running request (a partial unique index).
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("unique_key", sa.String(200)),
 )
 
 jobsch = sa.Table(
@@ -75,6 +79,7 @@ jobsch = sa.Table(
     sa.Column("misfire", sa.String(10), nullable=False),
     sa.Column("cronexp", sa.String(120)),
     sa.Column("params", Json),          # V002: per-schedule overrides, copied into each occurrence
+    sa.Column("invalid_reason", sa.String(1000)),   # V003: why the leader skips this row
 )
 
 prclog = sa.Table(
@@ -129,6 +134,7 @@ job = sa.Table(
     sa.Column("enabled", Flag, nullable=False),
     sa.Column("description", sa.String(4000)),
     sa.Column("params", Json),          # V002: JSON object of handler parameters (defaults)
+    sa.Column("paused", Flag, nullable=False),      # V003: 'Y': its requests wait NEW
 )
 
 # V002: small per-job state kept by handlers across runs (e.g. an incremental export's watermark).
@@ -152,6 +158,8 @@ worker = sa.Table(
     sa.Column("slots", sa.Integer),
     sa.Column("running", sa.Integer),
     sa.Column("metrics_port", sa.Integer),
+    # V003: heartbeat plus this replica's own rescue window; rescuers go by it, not by theirs.
+    sa.Column("expires_at", Timestamp),
 )
 
 leader = sa.Table(
@@ -161,6 +169,7 @@ leader = sa.Table(
     sa.Column("epoch", sa.BigInteger, nullable=False),
     sa.Column("acquired_at", Timestamp),
     sa.Column("expires_at", Timestamp),
+    sa.Column("mode", sa.String(10)),   # V003: 'lock' or 'lease'
 )
 
 schema_version = sa.Table(

@@ -6,9 +6,9 @@
 CREATE ROLE dms_worker LOGIN PASSWORD :password;
 SELECT format('GRANT CONNECT ON DATABASE %I TO dms_worker', current_database()) \gexec
 GRANT USAGE ON SCHEMA public TO dms_worker;
-GRANT SELECT, INSERT, UPDATE, DELETE ON dms_prcreq, dms_worker, dms_leader TO dms_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON dms_prcreq, dms_worker, dms_leader, dms_job_state TO dms_worker;
 GRANT SELECT, INSERT, UPDATE ON dms_prclog, dms_joblog, dms_joberr TO dms_worker;
-GRANT SELECT, UPDATE (lst_run_dt, nxt_run_dt) ON dms_jobsch TO dms_worker;
+GRANT SELECT, UPDATE (lst_run_dt, nxt_run_dt, invalid_reason) ON dms_jobsch TO dms_worker;
 GRANT SELECT ON dms_job, dms_schema_version TO dms_worker;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO dms_worker;
 -- pg_terminate_backend on the sessions of stopped executions (same role: allowed without this);
