@@ -376,3 +376,27 @@ def test_postgresql_schema_setting_reaches_every_connection(pg_url):
         with admin.connect() as conn:
             conn.execute(sa.text('DROP SCHEMA "dms alt" CASCADE'))
         admin.dispose()
+
+
+def test_claim_takes_higher_priority_first_then_queue_order(driver):
+    _register(driver, W1)
+    low = _enqueue(driver, 2)
+    with driver.engine.begin() as conn:
+        urgent = client.enqueue(conn, "M")
+        conn.execute(sa.update(s.prcreq).where(s.prcreq.c.request_id == urgent).values(priority=5))
+    claimed = driver.request_claim(ClaimParams(W1, job_limit=2))
+    assert [c.request_id for c in claimed] == [urgent, low[0]]
+
+
+def test_claim_leaves_a_paused_jobs_requests_waiting(driver):
+    _register(driver, W1)
+    client.register_job(driver.engine, "HELD", "worker.jobs.builtin:noop")
+    held = _enqueue(driver, 2, mapref="HELD")
+    free = _enqueue(driver, 1, mapref="FREE")
+    with driver.engine.begin() as conn:
+        conn.execute(sa.update(s.job).where(s.job.c.mapref == "HELD").values(paused="Y"))
+    assert [c.request_id for c in driver.request_claim(ClaimParams(W1, job_limit=5))] == free
+    assert {_row(driver, r)["status"] for r in held} == {s.NEW}
+    with driver.engine.begin() as conn:
+        conn.execute(sa.update(s.job).where(s.job.c.mapref == "HELD").values(paused="N"))
+    assert [c.request_id for c in driver.request_claim(ClaimParams(W1, job_limit=5))] == held

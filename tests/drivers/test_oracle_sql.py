@@ -47,7 +47,7 @@ class Issued:
     raw: bool = False
 
 
-_INTS = {"attempts": 1, "max_attempts": 3, "epoch": 1, "prcid": 7, "jobschid": 1, "pid": 1, "slots": 4, "running": 0,
+_INTS = {"attempts": 1, "max_attempts": 3, "priority": 0, "epoch": 1, "prcid": 7, "jobschid": 1, "pid": 1, "slots": 4, "running": 0,
          "timeout_s": 60, "retry_delay_s": 0, "joblogid": 1, "count_1": 2, "count": 2, "metrics_port": None}
 _TEXT = {"status": s.PROCESSING, "claimed_by": W, "worker_id": W, "allow_overlap": "N", "enabled": "Y", "is_leader": "N",
          "handler": "worker.jobs.builtin:noop", "request_type": s.IMMEDIATE, "mapref": "M", "holder": W,

@@ -45,6 +45,7 @@ class ClaimedRequest:
     scheduled_for: datetime | None = None
     not_before: datetime | None = None     # when it became due (requested_at, scheduled_for or a retry time)
     claimed_at: datetime | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -266,13 +267,14 @@ class SQLDriver:
         return sa.and_(s.prcreq.c.claimed_by == worker_id, s.prcreq.c.status.in_(statuses))
 
     _CLAIM_COLUMNS = ("request_id", "mapref", "request_type", "payload", "attempts", "requested_at",
-                      "jobschid", "scheduled_for", "not_before", "claimed_at")
+                      "jobschid", "scheduled_for", "not_before", "claimed_at", "priority")
 
     @classmethod
     def _claimed(cls, rows: Iterable[Any]) -> list[ClaimedRequest]:
         claimed = [ClaimedRequest(**{c: row._mapping[c] for c in cls._CLAIM_COLUMNS}) for row in rows]
         # Control requests first, then in queue order: RETURNING gives no order.
-        claimed.sort(key=lambda r: (r.request_type not in s.CONTROL_TYPES, r.requested_at or datetime.min))
+        claimed.sort(key=lambda r: (r.request_type not in s.CONTROL_TYPES, -(r.priority or 0),
+                                    r.not_before or datetime.min, r.requested_at or datetime.min))
         return claimed
 
     def _claim_update(self, worker_id: str) -> sa.Update:

@@ -46,7 +46,8 @@ CLAIM_JOBS_SQL = f"""SELECT r.request_id FROM dms_prcreq r
 WHERE r.status = 'NEW' AND r.not_before <= {NOW_SQL}
   AND r.request_type NOT IN ('STOP', 'REFRESH_SCHEDULE')
   AND NOT EXISTS (SELECT 1 FROM dms_prcreq b WHERE b.excl_key = r.mapref)
-ORDER BY r.not_before, r.requested_at
+  AND NOT EXISTS (SELECT 1 FROM dms_job j WHERE j.mapref = r.mapref AND j.paused = 'Y')
+ORDER BY r.priority DESC, r.not_before, r.requested_at
 FOR UPDATE SKIP LOCKED"""
 
 # Control lane (STOP, REFRESH_SCHEDULE): never waits behind jobs. {types} is a list of binds.

@@ -40,7 +40,8 @@ WITH ctl AS (
     WHERE r.status = 'NEW' AND r.not_before <= timezone('UTC', statement_timestamp())
       AND r.request_type NOT IN ('STOP', 'REFRESH_SCHEDULE')
       AND NOT EXISTS (SELECT 1 FROM dms_prcreq b WHERE b.excl_key = r.mapref)
-    ORDER BY r.not_before, r.requested_at
+      AND NOT EXISTS (SELECT 1 FROM dms_job j WHERE j.mapref = r.mapref AND j.paused = 'Y')
+    ORDER BY r.priority DESC, r.not_before, r.requested_at
     LIMIT :job_limit
     FOR UPDATE OF r SKIP LOCKED
 )
@@ -49,7 +50,7 @@ SET status = 'CLAIMED', claimed_by = :worker_id, claimed_at = timezone('UTC', st
     attempts = q.attempts + 1, stop_requested_at = NULL
 WHERE q.request_id IN (SELECT request_id FROM ctl UNION ALL SELECT request_id FROM jobs)
 RETURNING q.request_id, q.mapref, q.request_type, q.payload, q.attempts, q.requested_at,
-          q.jobschid, q.scheduled_for, q.not_before, q.claimed_at
+          q.jobschid, q.scheduled_for, q.not_before, q.claimed_at, q.priority
 """
 
 _NOW = "timezone('UTC', statement_timestamp())"

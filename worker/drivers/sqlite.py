@@ -61,8 +61,9 @@ class SQLiteDriver(SQLDriver):
             if p.job_limit > 0:
                 ids += conn.execute(sa.select(c.request_id).where(
                     c.status == s.NEW, c.not_before <= self.clock(), c.request_type.notin_(s.CONTROL_TYPES),
-                    ~sa.exists().where(other.c.excl_key == c.mapref))
-                    .order_by(c.not_before, c.requested_at).limit(p.job_limit)).scalars().all()
+                    ~sa.exists().where(other.c.excl_key == c.mapref),
+                    ~sa.exists().where(s.job.c.mapref == c.mapref, s.job.c.paused == "Y"))
+                    .order_by(c.priority.desc(), c.not_before, c.requested_at).limit(p.job_limit)).scalars().all()
             if not ids:
                 return []
             rows = conn.execute(self._claim_update(p.worker_id).where(c.request_id.in_(ids))).all()
