@@ -71,8 +71,11 @@ class Replica:
 
     def start(self) -> "Replica":
         self._log = open(self.log_path, "ab")
+        # A session (and process group) of its own, so that a test can freeze or kill the
+        # replica together with its execution processes, as Ctrl-Z or a VM pause does.
         self.proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--name", self.name],
-                                     env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+                                     env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         return self
 
     @property
@@ -94,6 +97,10 @@ class Replica:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the replica and every process it started (its execution processes)."""
+        os.killpg(self.proc.pid, sig)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -117,3 +124,73 @@ class Replica:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class StallingProxy:
+    """A TCP proxy to the database that can stop forwarding, as a network partition does: the
+    sockets stay open, bytes just stop flowing in both directions.
+
+    ``stall_after(pattern)`` forwards the next client packet that contains ``pattern`` (say the
+    start of a statement) and then stalls every connection, so the server has run the statement
+    and waits, holding its locks, for a client that will never answer.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+        self._target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._pattern: bytes | None = None
+        self.stalled = False
+        self._closed = False
+        self._sockets: list = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall_after(self, pattern: bytes) -> None:
+        self._pattern = pattern
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._target)
+            with self._lock:
+                self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, upstream: bool) -> None:
+        import select
+        while not self._closed:
+            if self.stalled:
+                time.sleep(0.05)        # partitioned: nothing is read, nothing is sent
+                continue
+            try:
+                ready, _, _ = select.select([src], [], [], 0.05)
+                if not ready:
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                if self.stalled:
+                    continue             # lost in the partition
+                dst.sendall(data)
+                if upstream and self._pattern is not None and self._pattern in data:
+                    self.stalled = True
+            except OSError:
+                break
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            for sock in [self._listener, *self._sockets]:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
