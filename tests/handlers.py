@@ -30,6 +30,10 @@ def record(ctx) -> dict:
     return {"pid": os.getpid()}
 
 
+# Payload keys a request may set for these handlers (worker.requests: the trust boundary).
+record.request_keys = ("seconds", "fail", "fail_days", "fail_until_attempt")
+
+
 def announce(ctx) -> None:
     """Write a probe row with our pid and commit it at once, then sleep ``payload.seconds``
     without looking at cancellation: only a hard stop ends it early."""
@@ -40,9 +44,15 @@ def announce(ctx) -> None:
     ctx.connection.execute(sa.update(probe).where(probe.c.prcid == ctx.prcid).values(ended=time.time()))
 
 
+announce.request_keys = ("seconds",)
+
+
 def db_sleep(ctx) -> None:
     """A long database call (pg_sleep): stopping it must cancel the statement on the server."""
     ctx.connection.execute(sa.text("SELECT pg_sleep(:s)"), {"s": float(ctx.payload.get("seconds", 60))})
+
+
+db_sleep.request_keys = ("seconds",)
 
 
 def odd_seconds_fail(ctx) -> None:
@@ -63,3 +73,28 @@ def loud_when_stopped(ctx) -> None:
         time.sleep(0.01)
     ctx.logger.warning("stopped after all this: %s", "x" * 300_000)
     ctx.check_cancelled()
+
+
+loud_when_stopped.request_keys = ("running_flag",)
+
+
+def work_then_sleep(ctx) -> None:
+    """Write a probe row through ctx.connection (uncommitted), then sleep ``payload.seconds``:
+    the work commits when the handler returns, so a process frozen during the sleep goes
+    straight to its commit when it is resumed."""
+    ctx.connection.execute(sa.insert(probe).values(request_id=ctx.request_id, prcid=ctx.prcid, mapref=ctx.mapref,
+                                                   attempt=ctx.attempt, pid=os.getpid(), started=time.time()))
+    time.sleep(float(ctx.payload.get("seconds", 1)))
+
+
+work_then_sleep.request_keys = ("seconds",)
+
+
+def work_sleep_commit(ctx) -> None:
+    """As work_then_sleep, but the handler commits its work itself after the sleep (commit as you
+    go): that commit, too, must happen only while the request is still ours."""
+    work_then_sleep(ctx)
+    ctx.connection.commit()
+
+
+work_sleep_commit.request_keys = ("seconds",)

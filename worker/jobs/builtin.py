@@ -18,6 +18,9 @@ def sleep(ctx: JobContext) -> dict:
     return {"slept": seconds}
 
 
+sleep.request_keys = ("seconds",)     # a request may set it (worker.requests: the trust boundary)
+
+
 def fail(ctx: JobContext) -> None:
     """Always raises."""
     raise RuntimeError(f"builtin fail: {ctx.mapref} failed on purpose (payload {ctx.payload!r})")
