@@ -112,7 +112,8 @@ def test_job_registers_a_row(sqlite_url, tmp_path):
         (row,) = conn.execute(sa.select(s.job)).mappings().all()
     engine.dispose()
     assert dict(row) == dict(mapref="CLI_JOB", handler="worker.jobs.builtin:sleep", timeout_s=30, max_attempts=3,
-                             retry_delay_s=60, allow_overlap="Y", enabled="Y", description="from the CLI", params=None)
+                             retry_delay_s=60, allow_overlap="Y", enabled="Y", description="from the CLI", params=None,
+                             paused="N")
 
 
 def test_enqueue_with_param_prints_the_request_id(sqlite_url, tmp_path):

@@ -142,7 +142,8 @@ def test_register_job_twice_updates_rather_than_duplicates(driver):
         jobs = conn.execute(sa.select(s.job).where(s.job.c.mapref == "M_JOB")).mappings().all()
     assert len(jobs) == 1 and count(engine, s.job) == 1
     assert dict(jobs[0]) == dict(mapref="M_JOB", handler="worker.jobs.builtin:sleep", timeout_s=30, max_attempts=3,
-                                 retry_delay_s=5, allow_overlap="Y", enabled="N", description="second", params=None)
+                                 retry_delay_s=5, allow_overlap="Y", enabled="N", description="second", params=None,
+                                 paused="N")
     # And the job definition the worker reads back agrees.
     job = driver.job_get_many(["M_JOB"])["M_JOB"]
     assert (job.handler, job.allow_overlap, job.enabled, job.max_attempts) == (

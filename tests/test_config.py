@@ -32,7 +32,10 @@ def assert_no_password(text: str, password: str = PASSWORD) -> None:
 # -- defaults ---------------------------------------------------------------------------------------
 def test_defaults_match_the_spec():
     c = cfg()
-    assert c.poll_interval == 15
+    # SQLite (the default) polls every second: nothing can wake it (issue 14, item 12).
+    assert c.poll_interval == 1
+    assert cfg({"DMS_DATABASE_URL": "postgresql://u@h/db"}).poll_interval == 15
+    assert cfg({"SCHEDULER_POLL_INTERVAL": "7"}).poll_interval == 7
     assert c.refresh_interval == 60
     assert c.max_workers == 4
     assert c.timezone == "UTC"

@@ -373,7 +373,8 @@ def test_other_database_through_a_url_or_an_environment_variable(db, tmp_path, m
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["payload", "job_params"])
 def test_import_through_a_replica_records_rejects_and_counts(db, tmp_path, replicas, where):
-    """Options in the request payload, or in DMS_JOB.params with the request overriding one."""
+    """Options in DMS_JOB.params, the request overriding one the job declares overridable; and
+    the same options in a request's payload, which a request may not set (the trust boundary)."""
     db.create("csv_e2e", "(id INTEGER PRIMARY KEY, code VARCHAR(5), qty INTEGER NOT NULL)")
     path = tmp_path / "e2e.csv"
     path.write_text("id,code,qty\n1,A,1\n2,B\n3,C,3\n1,DUP,4\n4,D,\n5,E,5\n")
@@ -384,13 +385,20 @@ def test_import_through_a_replica_records_rejects_and_counts(db, tmp_path, repli
         if where == "job_params":
             with engine.begin() as conn:
                 conn.execute(sa.text("UPDATE dms_job SET params = :json WHERE mapref = :m"),
-                             {"json": json.dumps(dict(options, max_rejects=0)), "m": "CSV_IMPORT"})
+                             {"json": json.dumps(dict(options, max_rejects=0, overridable=["max_rejects"])),
+                              "m": "CSV_IMPORT"})
         (r,) = replicas(1, DMS_HEARTBEAT_INTERVAL="0.5", SCHEDULER_POLL_INTERVAL="0.5")
         rid = client.enqueue(engine, "CSV_IMPORT", payload=options if where == "payload" else {"max_rejects": 5})
         final = wait_until(lambda: (client.request_status(engine, rid)["status"] in s.TERMINAL_STATUSES
                                     and client.request_status(engine, rid)), 60, "the import to end")
+        if where == "payload":
+            assert final["status"] == s.FAILED
+            assert "may not be set by a request" in json.loads(final["result_payload"])["error"]
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT count(*) FROM csv_e2e")).scalar() == 0
+            return
         assert final["status"] == s.DONE, final["result_payload"]
-        assert json.loads(json.loads(final["result_payload"])["result"]) == {"rows": 3, "rejected": 3}
+        assert json.loads(final["result_payload"])["result"] == {"rows": 3, "rejected": 3}
         with engine.connect() as conn:
             prcid = conn.execute(sa.select(s.prclog.c.prcid).where(s.prclog.c.request_id == rid)).scalar_one()
             errs = conn.execute(sa.select(s.joberr.c.errtyp, s.joberr.c.keyvalue, s.joberr.c.errmsg)

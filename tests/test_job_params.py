@@ -18,7 +18,7 @@ FAST = dict(SCHEDULER_POLL_INTERVAL="0.5", DMS_HEARTBEAT_INTERVAL="0.5", DMS_RES
 
 def result(engine, rid):
     row = client.request_status(engine, rid)
-    return json.loads(json.loads(row["result_payload"])["result"])
+    return json.loads(row["result_payload"])["result"]
 
 
 def test_request_overrides_schedule_overrides_job(db_url, replicas):

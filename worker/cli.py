@@ -47,9 +47,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                   log_level=args.log_level, log_file=args.log_file, log_json=args.log_json or None,
                   worker_name=args.name)
     logs.setup(cfg.log_level, cfg.log_file, cfg.log_json)
-    driver = _driver(cfg)
+    from .drivers import make_driver
     try:
-        _wait_for_database(driver, lambda: _prepare(driver, args.migrate))
+        # Migrations take as long as they take; then every statement of the replica's own is
+        # bounded (it must never wait past its fence).
+        setup = _driver(cfg)
+        _wait_for_database(setup, lambda: _prepare(setup, args.migrate))
+        setup.dispose()
+        driver = make_driver(cfg.database_url, schema=cfg.schema, statement_timeout_s=cfg.statement_timeout_s)
         return SchedulerService(cfg, driver).run()
     finally:
         logs.close()      # deliver the last records (the exit's own) before the process ends

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from dotenv import dotenv_values
 
 DEFAULT_SQLITE_FILE = "dms-worker.db"
+SQLITE_POLL_INTERVAL = 1.0
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,8 @@ class Config:
     leader_mode: str = "auto"
     leader_ttl: float = 10.0
     retention_days: float = 30.0
+    log_retention_days: float | None = None     # DMS_PRCLOG/JOBLOG/JOBERR: kept for ever by default
+    retry_max_delay: float = 3600.0
     log_level: str = "INFO"
     log_file: str | None = None
     log_json: bool = False
@@ -49,6 +52,17 @@ class Config:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    @property
+    def fence_s(self) -> float:
+        """How long an execution runs on without a confirmed heartbeat before it stops itself:
+        two heartbeats inside the rescue window, so it has stopped before anyone may rescue."""
+        return self.rescue_after - 2 * self.heartbeat_interval
+
+    @property
+    def statement_timeout_s(self) -> float:
+        """The bound on each of the replica's own database statements and lock waits."""
+        return min(10.0, max(0.5, self.fence_s / 2))
 
     @property
     def safe_url(self) -> str:
@@ -79,6 +93,10 @@ class Config:
             if raw is not None and raw.strip() != "":
                 values[name] = _parse(var, raw.strip(), parse)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if "poll_interval" not in values and str(values["database_url"]).startswith("sqlite"):
+            # SQLite has no wake-up channel (a web app's INSERT can tell no one): poll often.
+            # A claim there is a local file read, so a 1 s poll costs next to nothing.
+            values["poll_interval"] = SQLITE_POLL_INTERVAL
         return cls(**values)
 
 
@@ -156,6 +174,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "DMS_LEADER_MODE": ("leader_mode", _choice("auto", "lock", "lease")),
     "DMS_LEADER_TTL": ("leader_ttl", _positive_float),
     "DMS_RETENTION_DAYS": ("retention_days", _positive_float),
+    "DMS_LOG_RETENTION_DAYS": ("log_retention_days", _positive_float),
+    "DMS_RETRY_MAX_DELAY": ("retry_max_delay", _positive_float),
     "DMS_LOG_LEVEL": ("log_level", _level),
     "DMS_LOG_FILE": ("log_file", str),
     "DMS_LOG_JSON": ("log_json", _bool),
@@ -208,12 +228,14 @@ def _validate(cfg: Config) -> None:
     if cfg.max_workers < 1:
         fail("max_workers", "must be an integer >= 1")
     for name in ("poll_interval", "refresh_interval", "heartbeat_interval", "rescue_after",
-                 "shutdown_grace", "stop_grace", "leader_ttl", "retention_days"):
+                 "shutdown_grace", "stop_grace", "leader_ttl", "retention_days", "retry_max_delay"):
         if not getattr(cfg, name) > 0:
             fail(name, "must be a number > 0")
     if cfg.leader_ttl < 3 * cfg.heartbeat_interval:
         fail("leader_ttl", f"must be at least 3 x DMS_HEARTBEAT_INTERVAL ({3 * cfg.heartbeat_interval:g} s)")
     if cfg.rescue_after < 3 * cfg.heartbeat_interval:
         fail("rescue_after", f"must be at least 3 x DMS_HEARTBEAT_INTERVAL ({3 * cfg.heartbeat_interval:g} s)")
+    if cfg.log_retention_days is not None and not cfg.log_retention_days > 0:
+        fail("log_retention_days", "must be a number > 0 (leave unset to keep the logs for ever)")
     if not 0 <= cfg.metrics_port <= 65535:
         fail("metrics_port", "must be a port number 0..65535")

@@ -1,8 +1,9 @@
 """Logging set-up: console or rotating file, optional JSON lines, and child processes logging
 through the parent with multiprocessing-logging.
 
-Children are started with the ``spawn`` method (nothing depends on ``fork``), so the parent's
-``MultiProcessingHandler`` gets a spawn-context queue that can be handed to them.
+Children come from a fork server (or are spawned where there is no fork): never forked from
+the replica itself, so the parent's ``MultiProcessingHandler`` gets a queue of that same
+context, handed to each child when it starts.
 """
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from typing import Any
 
 from multiprocessing_logging import MultiProcessingHandler
 
-SPAWN = multiprocessing.get_context("spawn")
+# The start method of every process the replica starts: a fork server where the platform
+# forks (children ready in milliseconds, clean of the replica's threads and connections),
+# spawn elsewhere (Windows).
+CONTEXT = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                                      else "spawn")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 
@@ -34,12 +39,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class SpawnMultiProcessingHandler(MultiProcessingHandler):
-    """multiprocessing-logging's handler, with a queue that spawned processes can share."""
+    """multiprocessing-logging's handler, with a queue that the children can share."""
 
     def __init__(self, name: str, sub_handler: logging.Handler) -> None:
         super().__init__(name, sub_handler=sub_handler)
         # The receiving thread reads ``self.queue`` afresh on every loop.
-        self.queue = SPAWN.Queue(-1)
+        self.queue = CONTEXT.Queue(-1)
         # Never let the replica's exit wait on this queue's feeder thread: if a killed child
         # left the pipe's lock taken, that wait would never end (close() drains what it can).
         self.queue.cancel_join_thread()

@@ -10,22 +10,44 @@ import sqlalchemy as sa
 from worker import client
 from worker import schema as s
 from tests.support import wait_until
-from worker.drivers.base import ClaimParams, ExecutionFinish, ExecutionStart, OccurrenceEnqueue, WorkerInfo
+from worker.drivers import make_driver
+from worker.drivers.base import (ClaimParams, occurrence_request_id, ExecutionFinish, LeaderElect, LeaderTerm, OccurrenceEnqueue, PruneParams,
+                                 WorkerInfo)
+from worker.services.leadership import Leadership
 
 W1, W2 = "w1:1:aa", "w2:2:bb"
 
 
+class Candidate:
+    """A would-be leader: its own driver (so its own lock session) and the Leadership service,
+    ticked by hand on a clock of its own."""
+
+    def __init__(self, url: str, worker: str, mode: str, ttl_s: float = 30) -> None:
+        self.driver = make_driver(url)
+        self.worker = worker
+        self.lead = Leadership(self.driver, worker, mode, ttl_s, interval_s=1.0)
+        self.now = 0.0
+
+    def tick(self) -> int | None:
+        self.now += 5.0                 # past the next wake: every call acts
+        self.lead.tick(self.now)
+        return self.lead.epoch
+
+    def close(self) -> None:
+        self.lead.step_down()
+        self.driver.dispose()
+
+
 @pytest.fixture(params=["lease", "lock"])
-def electors(request, driver):
-    try:
-        made = [driver.leader_elector(request.param, ttl_s=30), driver.leader_elector(request.param, ttl_s=30)]
-    except ValueError:
-        pytest.skip(f"{driver.name} has no {request.param} leader")
+def candidates(request, driver):
+    if request.param == "lock" and not driver.supports_leader_lock:
+        pytest.skip(f"{driver.name} has no session-lock leader")
     for w in (W1, W2):
         driver.worker_register(WorkerInfo(worker_id=w, host="h", pid=1, version="t", slots=1))
+    made = [Candidate(driver.url, W1, request.param), Candidate(driver.url, W2, request.param)]
     yield made
-    for e in made:
-        e.close()
+    for c in made:
+        c.close()
 
 
 def _leader_row(driver):
@@ -33,31 +55,31 @@ def _leader_row(driver):
         return conn.execute(sa.select(s.leader)).one()
 
 
-def test_one_leader_at_a_time_and_the_epoch_goes_up(driver, electors):
-    a, b = electors
-    epoch = a.attempt(W1)
+def test_one_leader_at_a_time_and_the_epoch_goes_up(driver, candidates):
+    a, b = candidates
+    epoch = a.tick()
     assert epoch is not None
-    assert b.attempt(W2) is None
+    assert b.tick() is None
     row = _leader_row(driver)
-    assert (row.holder, row.epoch) == (W1, epoch)
+    assert (row.holder, row.epoch, row.mode) == (W1, epoch, a.lead.mode)
     with driver.engine.connect() as conn:
         assert dict(conn.execute(sa.select(s.worker.c.worker_id, s.worker.c.is_leader)).all()) == {W1: "Y", W2: "N"}
-    assert a.renew(W1, epoch)
-    a.resign(W1, epoch)
-    epoch2 = b.attempt(W2)
+    assert a.tick() == epoch and a.lead.leading(a.now)       # renewed
+    a.lead.resign()
+    epoch2 = b.tick()
     assert epoch2 is not None and epoch2 > epoch
-    assert not a.renew(W1, epoch)
+    assert not driver.leader_lease_renew(LeaderTerm(W1, epoch, 30))
 
 
-def test_concurrent_elections_elect_exactly_one(driver, electors):
+def test_concurrent_elections_elect_exactly_one(driver, candidates):
     barrier = threading.Barrier(2)
     results = {}
 
-    def run(elector, worker):
+    def run(c):
         barrier.wait()
-        results[worker] = elector.attempt(worker)
+        results[c.worker] = c.tick()
 
-    threads = [threading.Thread(target=run, args=(e, w)) for e, w in zip(electors, (W1, W2))]
+    threads = [threading.Thread(target=run, args=(c,)) for c in candidates]
     for t in threads:
         t.start()
     for t in threads:
@@ -66,13 +88,12 @@ def test_concurrent_elections_elect_exactly_one(driver, electors):
 
 
 def test_an_expired_lease_is_taken_over_and_fences_the_old_leader(driver):
-    a, b = driver.leader_elector("lease", 30), driver.leader_elector("lease", 30)
-    old = a.attempt(W1)
+    old = driver.leader_lease_take(LeaderElect(W1, 30, "lease")).epoch
     with driver.begin() as conn:
         conn.execute(sa.update(s.leader).values(expires_at=driver.clock(-1)))
-    new = b.attempt(W2)
+    new = driver.leader_lease_take(LeaderElect(W2, 30, "lease")).epoch
     assert new == old + 1
-    assert not a.renew(W1, old)
+    assert not driver.leader_lease_renew(LeaderTerm(W1, old, 30))
     with driver.begin() as conn:
         jid = conn.execute(sa.insert(s.jobsch).values(mapref="M", frqcd="DL", schflg="Y", curflg="Y",
                                                       misfire="LATEST").returning(s.jobsch.c.jobschid)).scalar_one()
@@ -81,64 +102,68 @@ def test_an_expired_lease_is_taken_over_and_fences_the_old_leader(driver):
     assert driver.occurrence_enqueue(OccurrenceEnqueue(W2, new, jid, "M", (t,), t, None)) == 1
 
 
-def test_a_follower_learns_when_the_lease_expires(driver, electors):
-    a, b = electors
-    assert a.attempt(W1) is not None
-    assert b.attempt(W2) is None
-    assert 25 < b.expires_in <= 30, "the holder's lease runs for its TTL, by the database clock"
+def test_a_follower_learns_when_the_lease_expires(driver, candidates):
+    a, b = candidates
+    assert a.tick() is not None
+    refused = driver.leader_lease_take(LeaderElect(W2, 30, "lease"))
+    assert refused.epoch is None and 25 < refused.expires_in <= 30, "by the database clock"
     with driver.begin() as conn:
         conn.execute(sa.update(s.leader).values(expires_at=driver.clock(0.5)))
-    assert b.attempt(W2) is None and 0 < b.expires_in <= 0.5
-    wait_until(lambda: b.attempt(W2), 5, "the follower to take the expired lease", interval=max(b.expires_in, 0.05))
+    assert b.tick() is None
+    assert 0 < b.lead.next_wake() - b.now <= 0.52, "the follower asks again the moment it expires"
+    wait_until(lambda: b.tick(), 5, "the follower to take the expired lease", interval=0.1)
 
 
 def test_a_killed_lock_holder_releases_leadership_at_once(driver):
-    try:
-        a, b = driver.leader_elector("lock", 30), driver.leader_elector("lock", 30)
-    except ValueError:
+    if not driver.supports_leader_lock:
         pytest.skip(f"{driver.name} has no session-lock leader")
-    assert a.attempt(W1) is not None
-    assert b.attempt(W2) is None
-    a.conn.close()                                  # the session dies, as with kill -9
-    a.conn = None
-    # The server releases the lock once it notices; a follower asks again every heartbeat.
-    assert wait_until(lambda: b.attempt(W2), 5, "the lock to be released") is not None
-    b.close()
+    a, b = Candidate(driver.url, W1, "lock"), Candidate(driver.url, W2, "lock")
+    try:
+        assert a.tick() is not None
+        assert b.tick() is None
+        a.driver._lock_conn.close()           # the session dies, as with kill -9
+        a.driver._lock_conn = None
+        with driver.begin() as conn:          # and its lease is old news
+            conn.execute(sa.update(s.leader).values(expires_at=driver.clock(20)))
+        # The server releases the lock once it notices; the follower takes the row by force.
+        assert wait_until(lambda: b.tick(), 5, "the lock to be released") is not None
+    finally:
+        a.close()
+        b.close()
 
 
-def test_a_lock_holder_whose_session_was_lost_reconnects(driver):
-    try:
-        a = driver.leader_elector("lock", 30)
-    except ValueError:
+def test_a_lock_holder_whose_session_was_lost_elects_itself_again(driver):
+    if not driver.supports_leader_lock:
         pytest.skip(f"{driver.name} has no session-lock leader")
-    first = a.attempt(W1)
-    assert first is not None
-    a.conn.close()                                  # lost under it, as in a server restart
-    with pytest.raises(Exception):
-        a.attempt(W1)                               # reported (the control loop retries) ...
-    assert a.attempt(W1) == first + 1               # ... and the next attempt runs on a new session
-    a.close()
+    a = Candidate(driver.url, W1, "lock")
+    try:
+        first = a.tick()
+        assert first is not None
+        a.driver._lock_conn.close()           # lost under it, as in a server restart
+        assert a.tick() is None               # the renewal notices and steps down ...
+        assert a.tick() == first + 1          # ... and the next attempt runs on a new session
+    finally:
+        a.close()
 
 
 def test_a_hung_lock_holder_is_replaced_once_its_lease_expires(driver):
-    try:
-        a, b = driver.leader_elector("lock", 30), driver.leader_elector("lock", 30)
-    except ValueError:
+    if not driver.supports_leader_lock:
         pytest.skip(f"{driver.name} has no session-lock leader")
-    old = a.attempt(W1)
-    assert b.attempt(W2) is None                    # lock held, lease valid
-    with driver.begin() as conn:                    # the holder stopped renewing (paused), still connected
-        conn.execute(sa.update(s.leader).values(expires_at=driver.clock(-1)))
-    new = b.attempt(W2)
-    assert new == old + 1
-    assert not a.renew(W1, old), "the woken holder learns it was replaced"
-    a.close()
-    b.close()
+    a, b = Candidate(driver.url, W1, "lock"), Candidate(driver.url, W2, "lock")
+    try:
+        old = a.tick()
+        assert b.tick() is None                     # lock held, lease valid
+        with driver.begin() as conn:                # the holder stopped renewing (paused), still connected
+            conn.execute(sa.update(s.leader).values(expires_at=driver.clock(-1)))
+        assert b.tick() == old + 1
+        assert a.tick() is None, "the woken holder learns it was replaced"
+    finally:
+        a.close()
+        b.close()
 
 
 def test_occurrences_are_enqueued_once_and_move_the_schedule(driver):
-    e = driver.leader_elector("lease", 30)
-    epoch = e.attempt(W1)
+    epoch = driver.leader_lease_take(LeaderElect(W1, 30, "lease")).epoch
     with driver.begin() as conn:
         jid = conn.execute(sa.insert(s.jobsch).values(mapref="M", frqcd="DL", schflg="Y", curflg="Y",
                                                       misfire="LATEST").returning(s.jobsch.c.jobschid)).scalar_one()
@@ -178,19 +203,24 @@ def test_success_of_a_parent_occurrence_enqueues_its_dependents_once(driver):
                                                          misfire="LATEST").returning(s.jobsch.c.jobschid)).scalar_one()
         child = conn.execute(sa.insert(s.jobsch).values(mapref="C", frqcd="DL", schflg="Y", curflg="Y", misfire="LATEST",
                                                         dpnd_jobschid=parent).returning(s.jobsch.c.jobschid)).scalar_one()
-    e = driver.leader_elector("lease", 30)
-    epoch = e.attempt(W1)
-    t = datetime(2026, 1, 1, 2, 0)
+    epoch = driver.leader_lease_take(LeaderElect(W1, 30, "lease")).epoch
+    client.register_job(driver.engine, "P", "worker.jobs.builtin:noop", allow_overlap=True)
+    t = datetime(2026, 1, 1, 2, 0, 0, 250000)
     driver.occurrence_enqueue(OccurrenceEnqueue(W1, epoch, parent, "P", (t, t + timedelta(days=1)), None, None))
     claimed = driver.request_claim(ClaimParams(W1, job_limit=2))
-    for req, status in zip(sorted(claimed, key=lambda r: r.scheduled_for), (s.DONE, s.FAILED)):
-        prcid = driver.execution_start_many([ExecutionStart(req.request_id, W1, "P", False, 1)])[0]
-        assert driver.execution_finish_many([ExecutionFinish(req.request_id, W1, prcid, "P", "PC", request_status=status,
-                                                             jobschid=req.jobschid, scheduled_for=req.scheduled_for)])
+    finishes = [ExecutionFinish(req.request_id, W1, req.prcid, "P", "PC", request_status=status, jobschid=req.jobschid,
+                                scheduled_for=req.scheduled_for)
+                for req, status in zip(sorted(claimed, key=lambda r: r.scheduled_for), (s.DONE, s.FAILED))]
+    assert driver.execution_finish_many(finishes) == [True, True]
+    assert driver.execution_finish_many(finishes[:1]) == [False]
     with driver.engine.connect() as conn:
         kids = conn.execute(sa.select(s.prcreq.c.mapref, s.prcreq.c.scheduled_for)
                             .where(s.prcreq.c.jobschid == child)).all()
     assert [(k.mapref, k.scheduled_for) for k in kids] == [("C", t)], "only the successful occurrence triggers"
+    with driver.engine.connect() as conn:
+        kid_id = conn.execute(sa.select(s.prcreq.c.request_id).where(s.prcreq.c.jobschid == child)).scalar()
+        assert conn.execute(sa.select(s.jobsch.c.lst_run_dt).where(s.jobsch.c.jobschid == child)).scalar() == t
+    assert kid_id == occurrence_request_id(child, t)
 
 
 def test_prune_deletes_old_finished_requests_in_batches(driver):
@@ -199,8 +229,8 @@ def test_prune_deletes_old_finished_requests_in_batches(driver):
         conn.execute(sa.update(s.prcreq).where(s.prcreq.c.request_id.in_(ids[:4])).values(
             status=s.DONE, completed_at=driver.clock(-90000)))
         conn.execute(sa.update(s.prcreq).where(s.prcreq.c.request_id == ids[3]).values(completed_at=driver.clock()))
-    assert driver.request_prune(86400, limit=2) == 2
-    assert driver.request_prune(86400, limit=2) == 1
-    assert driver.request_prune(86400, limit=2) == 0
+    assert driver.request_prune(PruneParams(86400, limit=2)) == 2
+    assert driver.request_prune(PruneParams(86400, limit=2)) == 1
+    assert driver.request_prune(PruneParams(86400, limit=2)) == 0
     with driver.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(s.prcreq)).scalar() == 2

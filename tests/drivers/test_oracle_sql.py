@@ -23,9 +23,11 @@ from sqlalchemy.dialects.oracle.oracledb import OracleDialect_oracledb
 
 from worker import schema as s
 from worker.drivers import make_driver
-from worker.drivers.base import (ClaimParams, ExecutionFinish, ExecutionStart, OccurrenceEnqueue, Reject,
+from worker.drivers.base import (ClaimParams, ExecutionAnnotate, ExecutionFinish, ExecutionOpen, Heartbeat,
+                                 LeaderElect, LeaderTerm, OccurrenceEnqueue, PruneParams, Reject, RescueParams,
+                                 StopParams,
                                  RequestResolve, WorkerInfo)
-from worker.drivers.oracle import OracleDriver, OracleLockElector
+from worker.drivers.oracle import OracleDriver
 from worker.migrate import migrations_for
 
 ORACLE = OracleDialect_oracledb()
@@ -127,7 +129,7 @@ class Recorder:
         self.issued: list[Issued] = []
         self.verb = "?"
         self.found = itertools.cycle([True])
-        self.cursor_rows: list[tuple] = [("r1",), ("r2",)]
+        self.cursor_rows: list[tuple] = [("r1", "M", "IMMEDIATE"), ("r2", "M", "IMMEDIATE")]
         self.var_value = 0
 
     def mode(self, name: str) -> None:
@@ -283,26 +285,28 @@ def odriver(rec) -> OracleDriver:
 # Driving every verb
 # ---------------------------------------------------------------------------------------------
 def _scenarios(d: OracleDriver, rec: Recorder) -> dict[str, Any]:
-    start = lambda excl: [ExecutionStart("r1", W, "M", excl, 1, {"param1": "2026-01-01"})]  # noqa: E731
     finish = ExecutionFinish("r1", W, 7, "M", s.COMPLETED, msg="ok é" * 10, sessionid="12,34", srcrows=3, trgrows=3,
                              rejects=(Reject("k1", "bad", "ORA-01722"),), error=("JOB", "boom", None),
-                             request_status=s.DONE, jobschid=1, scheduled_for=T0)
+                             request_status=s.DONE, jobschid=1, scheduled_for=T0, params={"param1": "2026-01-01"})
 
     def lease():
-        from worker.drivers.base import LeaseElector
-        e = LeaseElector(d, 10)
-        e.attempt(W)
-        e.renew(W, 1)
-        e.resign(W, 1)
+        d.leader_lease_take(LeaderElect(W, 10, "lease"))
+        d.leader_lease_take(LeaderElect(W, 10, "lock", force=True))
+        d.leader_lease_renew(LeaderTerm(W, 1, 10))
+        d.leader_lease_resign(LeaderTerm(W, 1))
 
     def lock(result: int):
         def run():
             rec.var_value = result
-            e = OracleLockElector(d, 10)
-            e.attempt(W)
-            e.renew(W, 1)
-            e.resign(W, 1)
+            d.leader_lock_try()
+            d.leader_lock_held()
+            d.leader_lock_release()
         return run
+
+    def complete_tx():
+        with d.engine.connect() as conn:
+            d.execution_complete_tx(conn, finish, lock_timeout_s=1.0)
+            d.request_owned_tx(conn, "r1", W, lock_timeout_s=1.0)
 
     def scripts():
         rec.var_value = 0
@@ -319,28 +323,29 @@ def _scenarios(d: OracleDriver, rec: Recorder) -> dict[str, Any]:
         "job_get_many": lambda: d.job_get_many(["M", "N"]),
         "request_claim": lambda: d.request_claim(ClaimParams(W, job_limit=3, control_types=s.CONTROL_TYPES)),
         "request_claim_jobs_only": lambda: d.request_claim(ClaimParams(W, job_limit=1, control_types=())),
-        "execution_start_many": lambda: (d.execution_start_many(start(True)), d.execution_start_many(start(False))),
-        "execution_set_session": lambda: d.execution_set_session(7, "12,34"),
+        "execution_open": lambda: d.execution_open(ExecutionOpen("r1", W, "M", 1, {"param1": "2026-01-02"})),
+        "execution_annotate_many": lambda: d.execution_annotate_many([ExecutionAnnotate(7, {"param1": "x"}, "12,34")]),
         "execution_finish_many": lambda: d.execution_finish_many([finish]),
+        "execution_complete_tx": complete_tx,
         "request_resolve_many": lambda: d.request_resolve_many([
             RequestResolve("r1", W, s.NEW, refund_attempt=True, retry_delay_s=30), RequestResolve("r2", W, s.FAILED, "{}")]),
         "history_days_done": lambda: d.history_days_done("r1"),
-        "request_stop": lambda: (d.request_stop(target_request_id="r1", mapref="M", by="s1"),
-                                 d.request_stop(target_request_id=None, mapref="M", by="s2")),
-        "requests_to_stop": lambda: d.requests_to_stop(W),
-        "worker": lambda: (d.worker_register(WorkerInfo(W, "host", 1, "v", 4, 9410)), d.worker_heartbeat(W, 2),
-                           d.worker_unregister(W)),
-        "request_rescue": lambda: d.request_rescue(8.0, limit=100),
+        "request_stop": lambda: (d.request_stop(StopParams("s1", "M", "r1")), d.request_stop(StopParams("s2", "M"))),
+        "request_stop_flags": lambda: d.request_stop_flags(W),
+        "worker": lambda: (d.worker_register(WorkerInfo(W, "host", 1, "v", 4, 9410)),
+                           d.worker_heartbeat(Heartbeat(W, 2, 8.0)), d.worker_unregister(W)),
+        "request_rescue": lambda: d.request_rescue(RescueParams(8.0, limit=100)),
         "request_release_orphans": lambda: d.request_release_orphans(W, []),
         "schedule_list": d.schedule_list,
         "occurrence_enqueue": lambda: d.occurrence_enqueue(OccurrenceEnqueue(W, 1, 1, "M", (T0, T0.replace(minute=1)),
                                                                              T0, T0, '{"a": 1}')),
-        "request_prune": lambda: d.request_prune(86400.0, limit=1000),
+        "request_prune": lambda: d.request_prune(PruneParams(86400.0, limit=1000)),
+        "execution_prune": lambda: d.execution_prune(PruneParams(86400.0, limit=1000)),
         "queue_depth": d.queue_depth,
         "cluster_status": d.cluster_status,
-        "lease_elector": lease,
-        "lock_elector_free": lock(0),
-        "lock_elector_held": lock(1),
+        "leader_lease": lease,
+        "leader_lock_free": lock(0),
+        "leader_lock_held": lock(1),
         "listener": lambda: (lambda listener: listener and listener.close())(d.listener()),
         "sessions": lambda: (d.session_id(DBAPIConn(rec)), d.session_terminate("12,34")),
         "scripts": scripts,
@@ -417,11 +422,13 @@ def test_every_verb_of_the_interface_is_driven(odriver, rec, issued):
     verbs = {v for v in _scenarios(odriver, rec)}
     assert verbs <= {i.verb for i in issued} | {"listener"}, "a scenario issued nothing"
     public = {n for n in dir(OracleDriver) if not n.startswith("_") and callable(getattr(OracleDriver, n))}
-    covered = {"now", "job_get_many", "request_claim", "execution_start_many", "execution_set_session",
-               "execution_finish_many", "request_resolve_many", "history_days_done", "request_stop",
-               "requests_to_stop", "worker_register", "worker_heartbeat", "worker_unregister", "request_rescue",
-               "request_release_orphans", "schedule_list", "occurrence_enqueue", "request_prune", "queue_depth",
-               "cluster_status", "leader_elector", "listener", "session_id", "session_terminate", "session_cancel",
+    covered = {"now", "job_get_many", "request_claim", "execution_open", "execution_annotate_many",
+               "execution_finish_many", "execution_complete_tx", "request_owned_tx", "request_resolve_many", "history_days_done",
+               "request_stop", "request_stop_flags", "worker_register", "worker_heartbeat", "worker_unregister",
+               "request_rescue", "request_release_orphans", "schedule_list", "occurrence_enqueue", "request_prune",
+               "execution_prune", "queue_depth", "cluster_status", "leader_lease_take", "leader_lease_renew",
+               "leader_lease_resign", "leader_lock_try", "leader_lock_held", "leader_lock_release",
+               "listener", "session_id", "session_terminate", "session_cancel",
                "procedure_call", "run_script", "migration_lock", "is_transient", "clock", "begin", "dispose",
                "connect_dedicated"}
     assert public - covered == set(), "a new driver verb: add it to the scenarios above"
@@ -456,15 +463,18 @@ def test_every_issued_plsql_block_parses_as_oracle(issued):
 
 def test_the_claim_fetches_exactly_the_free_slots_from_an_ordered_skip_locked_cursor(odriver, rec):
     rec.verb = "claim"
-    rec.cursor_rows = [(f"r{i}",) for i in range(20)]
+    rec.cursor_rows = [(f"r{i}", f"M{i}", "IMMEDIATE") for i in range(40)]
     claimed = odriver.request_claim(ClaimParams(W, job_limit=3, control_types=(s.STOP,), control_limit=10))
     cursors = [i for i in rec.issued if "SKIP LOCKED" in i.sql]
-    assert [(c.prefetchrows, c.arraysize) for c in cursors] == [(10, 10), (3, 3)]
+    # The job lane fetches (and so locks) a few candidates more than it has slots: at most one
+    # of several rows of one no-overlap mapref could start.
+    assert [(c.prefetchrows, c.arraysize) for c in cursors] == [(10, 10), (14, 14)]
     for c in cursors:
         assert c.raw and "ORDER BY" in c.sql.upper() and c.sql.rstrip().upper().endswith("FOR UPDATE SKIP LOCKED")
         assert oracle_traps(c.sql, claim=True) == []
-    update = next(i for i in rec.issued if i.sql.startswith("UPDATE dms_prcreq SET status"))
-    assert len(re.findall(r":request_id_\d+_\d+", update.sql)) == 13     # 10 control + 3 job rows, no more
+    updates = [i for i in rec.issued if i.sql.startswith("UPDATE dms_prcreq SET status")]
+    marked = sum(len(re.findall(r":request_id_\d+_\d+", u.sql)) for u in updates)
+    assert marked == 13     # 10 control + 3 job rows, no more
     assert len(claimed) == 1      # the stand-in returns one row for the re-read
 
 
@@ -573,10 +583,10 @@ def test_the_aq_listener_wakes_the_select_loop_and_reports_a_lost_connection(rec
     try:
         queue = conn.queues["DMS_OWNER.DMS_WAKEUP_Q"]
         assert queue.deqoptions.wait == AqListener.wait_s and queue.deqoptions.visibility is not None
-        assert wait([listener], 0.3) == [] and listener.drain() == set()
+        assert wait([listener], 0.3) == [] and listener.drain() == []
         queue.messages.put(b"dms_prcreq")
         assert wait([listener], 5) == [listener], "a dequeued message makes the listener readable"
-        assert listener.drain() == {"dms_prcreq"}
+        assert listener.drain() == [("dms_prcreq", "")]
         queue.messages.put(RuntimeError("DPY-4011: the database closed the connection"))
         assert wait([listener], 5) == [listener]
         with pytest.raises(RuntimeError, match="DPY-4011"):

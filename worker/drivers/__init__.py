@@ -6,17 +6,22 @@ import sqlalchemy as sa
 from .base import SQLDriver
 
 
-def make_driver(url: str, *, schema: str | None = None, pre_ping: bool = False) -> SQLDriver:
+def make_driver(url: str, *, schema: str | None = None, pre_ping: bool = False,
+                statement_timeout_s: float | None = None) -> SQLDriver:
+    """The driver for ``url``'s database. ``statement_timeout_s`` bounds every statement and
+    lock wait of the connections it makes (a replica's control loop); leave it None where
+    statements take as long as a job needs (execution processes, the CLI's migrations)."""
     backend = sa.engine.make_url(url).get_backend_name()
+    kw = dict(schema=schema, pre_ping=pre_ping, statement_timeout_s=statement_timeout_s)
     if backend == "postgresql":
         from .postgresql import PostgresDriver
-        return PostgresDriver(url, schema=schema, pre_ping=pre_ping)
+        return PostgresDriver(url, **kw)
     if backend == "sqlite":
         from .sqlite import SQLiteDriver
-        return SQLiteDriver(url, schema=schema, pre_ping=pre_ping)
+        return SQLiteDriver(url, **kw)
     if backend == "oracle":
         from .oracle import OracleDriver
-        return OracleDriver(url, schema=schema, pre_ping=pre_ping)
+        return OracleDriver(url, **kw)
     raise ValueError(f"no driver for {backend!r} (supported: oracle, postgresql, sqlite)")
 
 

@@ -2,16 +2,23 @@
 
 Modelled on River's driver: each verb takes one small params value, every state change of a
 claimed row is conditional on the caller still owning it (status and ``claimed_by`` in the same
-statement), and the ``*_many`` verbs let the control loop batch. ``SQLDriver`` implements the
-verbs whose SQL is portable with SQLAlchemy Core; a database's driver subclasses it and supplies
-what differs (clock, claim, wake-up, locks, sessions, scripts). Core logic talks to this
-interface only and never asks which database it is on.
+statement), and the ``*_many`` verbs let the services batch. ``SQLDriver`` implements the verbs
+whose SQL is portable with SQLAlchemy Core; a database's driver subclasses it and supplies what
+differs (clock, the claim, batched finishes, wake-ups, locks, sessions, scripts, and the bounds
+on every wait). Core logic talks to this interface only and never asks which database it is on.
+
+The hot path is two verbs: ``request_claim`` claims a batch and starts it (rows straight to
+PROCESSING, their DMS_PRCLOG rows opened, the per-mapref exclusivity taken) and
+``execution_finish_many`` closes a batch of executions. ``execution_complete_tx`` closes one
+inside the execution's own transaction, so that a handler's database work commits together
+with its request's outcome, and only while the request is still owned (River's JobCompleteTx).
 """
 from __future__ import annotations
 
 import contextlib
 import enum
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Iterable, Iterator, Sequence
@@ -28,9 +35,22 @@ from .. import schema as s
 @dataclass(frozen=True)
 class ClaimParams:
     worker_id: str
-    job_limit: int                      # free execution slots: never claim more job rows
+    job_limit: int                      # ready execution slots: never start more job rows
     control_types: tuple[str, ...] = (s.STOP,)
     control_limit: int = 10
+
+
+@dataclass(frozen=True)
+class JobDef:
+    mapref: str
+    handler: str
+    timeout_s: int | None
+    max_attempts: int
+    retry_delay_s: int
+    allow_overlap: bool
+    enabled: bool
+    params: str | None = None           # DMS_JOB.params: JSON object of handler defaults
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,35 +64,37 @@ class ClaimedRequest:
     jobschid: int | None = None
     scheduled_for: datetime | None = None
     not_before: datetime | None = None     # when it became due (requested_at, scheduled_for or a retry time)
-    claimed_at: datetime | None = None
+    claimed_at: datetime | None = None     # the database clock at the claim
     priority: int = 0
+    prcid: int | None = None               # started: PROCESSING with this DMS_PRCLOG row open
+    job: JobDef | None = None
 
-
-@dataclass(frozen=True)
-class JobDef:
-    mapref: str
-    handler: str
-    timeout_s: int | None
-    max_attempts: int
-    retry_delay_s: int
-    allow_overlap: bool
-    enabled: bool
-    params: str | None = None           # DMS_JOB.params: JSON object of handler defaults
-
-
-@dataclass(frozen=True)
-class ExecutionStart:
-    request_id: str
-    worker_id: str
-    mapref: str
-    exclusive: bool                     # hold the mapref's running slot (allow_overlap = 'N')
-    attempt: int
-    params: dict[str, str | None] = field(default_factory=dict)   # param1..param10
+    @property
+    def started(self) -> bool:
+        return self.prcid is not None
 
 
 class StartRefused(enum.Enum):
     BUSY = "busy"    # another execution of this mapref is running
     LOST = "lost"    # the row is no longer ours (rescued, cancelled)
+
+
+@dataclass(frozen=True)
+class ExecutionOpen:
+    """The next DMS_PRCLOG row of a request we run (a HISTORY request's next day)."""
+    request_id: str
+    worker_id: str
+    mapref: str
+    attempt: int
+    params: dict[str, str | None] = field(default_factory=dict)   # param1..param10
+
+
+@dataclass(frozen=True)
+class ExecutionAnnotate:
+    """What a running execution's DMS_PRCLOG row should show: its params, its session."""
+    prcid: int
+    params: dict[str, str | None] | None = None
+    sessionid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,11 +126,12 @@ class ExecutionFinish:
     refund_attempt: bool = False        # hand-back: the attempt was not the job's fault
     jobschid: int | None = None         # a scheduled occurrence: on DONE, its dependents are enqueued
     scheduled_for: datetime | None = None
+    params: dict[str, str | None] | None = None     # DMS_PRCLOG.param1..10, when not yet written
 
 
 @dataclass(frozen=True)
 class RequestResolve:
-    """End (or hand back) a claimed request that never got an execution."""
+    """End (or hand back) a claimed request that has no open execution."""
     request_id: str
     worker_id: str
     status: str                         # DONE, FAILED, CANCELLED or NEW
@@ -125,6 +148,20 @@ class WorkerInfo:
     version: str
     slots: int
     metrics_port: int | None = None
+    rescue_after_s: float = 8.0         # this replica's own rescue window (it fences itself within it)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    worker_id: str
+    running: int
+    rescue_after_s: float
+
+
+@dataclass(frozen=True)
+class RescueParams:
+    stale_after_s: float                # for replicas that recorded no expiry of their own
+    limit: int = 500
 
 
 @dataclass(frozen=True)
@@ -136,10 +173,44 @@ class RescueResult:
 
 
 @dataclass(frozen=True)
+class StopParams:
+    by: str                             # the STOP request's id
+    mapref: str
+    target_request_id: str | None = None
+
+
+@dataclass(frozen=True)
 class StopResult:
     cancelled: tuple[str, ...] = ()     # were NEW, now CANCELLED
     signalled: tuple[str, ...] = ()     # running: their owner will stop them
     reason: str | None = None           # why nothing matched
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    older_than_s: float
+    limit: int = 1000
+
+
+@dataclass(frozen=True)
+class LeaderElect:
+    worker_id: str
+    ttl_s: float
+    mode: str                           # lock or lease: recorded on the row for status
+    force: bool = False                 # we hold the session lock: the row is ours whatever it says
+
+
+@dataclass(frozen=True)
+class LeaderTerm:
+    worker_id: str
+    epoch: int
+    ttl_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LeaderResult:
+    epoch: int | None                   # ours, or None: someone else leads
+    expires_in: float | None = None     # seconds until the holder's lease expires (database clock)
 
 
 @dataclass(frozen=True)
@@ -183,7 +254,27 @@ def occurrence_request_id(jobschid: int, scheduled_for: datetime) -> str:
 
 
 def dumps(value: Any) -> str:
+    """JSON text for a result column: ASCII only, so that no character the database cannot
+    store (a NUL, half a surrogate pair) ever reaches it."""
     return json.dumps(value, default=str, separators=(",", ":"))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Text every database here can store: NUL and lone surrogates become U+FFFD.
+
+    Handlers raise with messages of their own making; one unstorable character in one message
+    must not fail the batch that records it.
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,14 +285,20 @@ class SQLDriver:
 
     name = "abstract"
     supports_procedures = False
+    supports_leader_lock = False        # a session lock (``leader_lock_*``) besides the lease row
+    default_leader_mode = "lease"
 
     def __init__(self, url: str, *, schema: str | None = None, engine: Engine | None = None,
-                 pre_ping: bool = False) -> None:
+                 pre_ping: bool = False, statement_timeout_s: float | None = None) -> None:
         self.url = url
         self.schema = schema
         # The control loop retries (tenacity) and so needs no ping before each checkout;
         # handlers get a connection and no retry, so execution processes ask for one.
         self.pre_ping = pre_ping
+        # How long one statement of the replica's own may take or wait (locks, a cut-off
+        # network): bounded so that nothing holds the control loop past its fence. None for
+        # execution processes, whose handlers' statements take as long as the job needs.
+        self.statement_timeout_s = statement_timeout_s
         self.engine = engine or self._create_engine(url)
 
     # -- dialect hooks ---------------------------------------------------------------------
@@ -213,6 +310,13 @@ class SQLDriver:
         raise NotImplementedError
 
     def request_claim(self, p: ClaimParams) -> list[ClaimedRequest]:
+        """Claim up to ``p.control_limit`` control requests (CLAIMED) and up to ``p.job_limit``
+        job requests, and start the runnable ones: PROCESSING, attempts + 1, the mapref's
+        exclusivity taken unless the job allows overlap, a DMS_PRCLOG row opened. At most one
+        request per no-overlap mapref, none of a paused job, none of a mapref with a STOP
+        waiting. Job requests that cannot run (no or a disabled DMS_JOB row, an unknown type)
+        come back CLAIMED and unstarted for the caller to fail. Control requests first, then in
+        queue order."""
         raise NotImplementedError
 
     def listener(self) -> "Listener | None":
@@ -242,6 +346,10 @@ class SQLDriver:
         """Serialise concurrent ``migrate`` runs; ``conn`` is held for the whole run."""
         yield
 
+    def _bound_transaction(self, conn: Connection, timeout_s: float) -> None:
+        """Make the rest of ``conn``'s transaction wait at most ``timeout_s`` on a lock, and let
+        the server end it if the client stops talking in the middle (frozen, cut off)."""
+
     def is_transient(self, exc: BaseException) -> bool:
         """True for errors worth retrying after a back-off: lost connections, lock timeouts."""
         if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
@@ -250,11 +358,13 @@ class SQLDriver:
                                 sa.exc.DisconnectionError, sa.exc.TimeoutError))
 
     def dispose(self) -> None:
+        with contextlib.suppress(Exception):
+            self.leader_lock_release()
         self.engine.dispose()
 
     def _fit(self, text: str | None, limit: int) -> str | None:
-        """Clip text to a column declared ``limit`` long (characters here; Oracle counts bytes)."""
-        return None if text is None else text[:limit]
+        """Storable text clipped to a column declared ``limit`` long (characters here)."""
+        return None if text is None else clean_text(text)[:limit]
 
     # -- helpers ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -269,20 +379,78 @@ class SQLDriver:
     _CLAIM_COLUMNS = ("request_id", "mapref", "request_type", "payload", "attempts", "requested_at",
                       "jobschid", "scheduled_for", "not_before", "claimed_at", "priority")
 
+    @staticmethod
+    def _job(row: Any) -> JobDef:
+        return JobDef(mapref=row.mapref, handler=row.handler, timeout_s=row.timeout_s,
+                      max_attempts=max(1, row.max_attempts or 1), retry_delay_s=max(0, row.retry_delay_s or 0),
+                      allow_overlap=(row.allow_overlap or "N").upper() == "Y",
+                      enabled=(row.enabled or "Y").upper() == "Y", params=row.params,
+                      paused=(getattr(row, "paused", None) or "N").upper() == "Y")
+
     @classmethod
-    def _claimed(cls, rows: Iterable[Any]) -> list[ClaimedRequest]:
-        claimed = [ClaimedRequest(**{c: row._mapping[c] for c in cls._CLAIM_COLUMNS}) for row in rows]
-        # Control requests first, then in queue order: RETURNING gives no order.
+    def _claimed(cls, rows: Iterable[Any], prcids: dict[str, int], jobs: dict[str, JobDef],
+                 order: Sequence[str] = ()) -> list[ClaimedRequest]:
+        """Claimed rows as values: control requests first, then in queue order (``order``, the
+        claim's own, breaks ties among rows requested in the same instant)."""
+        rank = {rid: i for i, rid in enumerate(order)}
+        claimed = [ClaimedRequest(**{c: row._mapping[c] for c in cls._CLAIM_COLUMNS},
+                                  prcid=prcids.get(row._mapping["request_id"]), job=jobs.get(row._mapping["mapref"]))
+                   for row in rows]
         claimed.sort(key=lambda r: (r.request_type not in s.CONTROL_TYPES, -(r.priority or 0),
-                                    r.not_before or datetime.min, r.requested_at or datetime.min))
+                                    r.not_before or datetime.min, r.requested_at or datetime.min,
+                                    rank.get(r.request_id, 0)))
         return claimed
 
-    def _claim_update(self, worker_id: str) -> sa.Update:
+    @staticmethod
+    def _runnable(request_type: str, job: JobDef | None) -> bool:
+        return job is not None and job.enabled and request_type in (s.IMMEDIATE, s.HISTORY)
+
+    def _start_picked(self, conn: Connection, worker_id: str, picked: list[tuple[str, JobDef | None, str]],
+                      control_ids: list[str]) -> list[ClaimedRequest]:
+        """The portable second half of a claim, in the caller's transaction: mark what was
+        picked (locked candidates, at most one per no-overlap mapref) and start the runnable.
+
+        ``picked``: (request_id, job, request_type) of job rows, in queue order."""
         c = s.prcreq.c
-        return (sa.update(s.prcreq)
-                .values(status=s.CLAIMED, claimed_by=worker_id, claimed_at=self.clock(),
-                        attempts=c.attempts + 1, stop_requested_at=None)
-                .returning(*(c[name] for name in self._CLAIM_COLUMNS)))
+        claim = dict(claimed_by=worker_id, claimed_at=self.clock(), attempts=c.attempts + 1, stop_requested_at=None)
+        if control_ids:
+            conn.execute(sa.update(s.prcreq).where(c.request_id.in_(control_ids)).values(status=s.CLAIMED, **claim))
+        groups: dict[tuple[str, bool], list[str]] = {}
+        for rid, job, rtype in picked:
+            runnable = self._runnable(rtype, job)
+            groups.setdefault((s.PROCESSING if runnable else s.CLAIMED,
+                               runnable and job is not None and not job.allow_overlap), []).append(rid)
+        for (status, exclusive), ids in groups.items():
+            conn.execute(sa.update(s.prcreq).where(c.request_id.in_(ids)).values(
+                status=status, excl_key=c.mapref if exclusive else None, **claim))
+        ids = control_ids + [rid for rid, _, _ in picked]
+        if not ids:
+            return []
+        rows = conn.execute(sa.select(*(c[name] for name in self._CLAIM_COLUMNS), c.status).where(
+            c.request_id.in_(ids), c.claimed_by == worker_id)).all()
+        prcids = {}
+        p = s.prclog.c
+        for row in rows:
+            if row.status == s.PROCESSING:
+                prcids[row.request_id] = int(conn.execute(sa.insert(s.prclog).values(
+                    mapref=row.mapref, strtdt=self.clock(), status=s.IN_PROGRESS, request_id=row.request_id,
+                    worker_id=worker_id, attempt=row.attempts).returning(p.prcid)).scalar_one())
+        return self._claimed(rows, prcids, {job.mapref: job for _, job, _ in picked if job is not None}, ids)
+
+    @staticmethod
+    def _pick(candidates: Iterable[tuple[str, str, str, JobDef | None]], limit: int) -> list[tuple[str, JobDef | None, str]]:
+        """From (request_id, mapref, request_type, job) in queue order: at most ``limit``, and
+        at most one per no-overlap mapref (only one of them could start)."""
+        picked, busy = [], set()
+        for rid, mapref, rtype, job in candidates:
+            if len(picked) >= limit:
+                break
+            if SQLDriver._runnable(rtype, job) and job is not None and not job.allow_overlap:
+                if mapref in busy:
+                    continue
+                busy.add(mapref)
+            picked.append((rid, job, rtype))
+        return picked
 
     # -- clock -----------------------------------------------------------------------------
     def now(self) -> datetime:
@@ -294,85 +462,59 @@ class SQLDriver:
         wanted = sorted(set(maprefs))
         if not wanted:
             return {}
-        j = s.job.c
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(s.job).where(j.mapref.in_(wanted))).all()
-        return {r.mapref: JobDef(mapref=r.mapref, handler=r.handler, timeout_s=r.timeout_s,
-                                 max_attempts=max(1, r.max_attempts or 1),
-                                 retry_delay_s=max(0, r.retry_delay_s or 0),
-                                 allow_overlap=(r.allow_overlap or "N").upper() == "Y",
-                                 enabled=(r.enabled or "Y").upper() == "Y", params=r.params) for r in rows}
+            rows = conn.execute(sa.select(s.job).where(s.job.c.mapref.in_(wanted))).all()
+        return {r.mapref: self._job(r) for r in rows}
 
     # -- executions ------------------------------------------------------------------------
-    def execution_start_many(self, starts: Sequence[ExecutionStart]) -> list[int | StartRefused]:
-        """Move claimed requests to PROCESSING and open their DMS_PRCLOG rows.
-
-        Idempotent for the caller: a replay after a lost commit acknowledgement finds the
-        execution it opened. Fast path: one transaction for the batch; if two replicas raced
-        for one mapref's running slot the database refuses one, and we redo row by row.
-        """
-        try:
-            with self.begin() as conn:
-                return [self._start_one(conn, st) for st in starts]
-        except sa.exc.IntegrityError:
-            results: list[int | StartRefused] = []
-            for st in starts:
-                try:
-                    with self.begin() as conn:
-                        results.append(self._start_one(conn, st))
-                except sa.exc.IntegrityError:
-                    results.append(StartRefused.BUSY)
-            return results
-
-    def _start_one(self, conn: Connection, st: ExecutionStart) -> int | StartRefused:
+    def execution_open(self, p: ExecutionOpen) -> int | StartRefused:
+        """Open the next DMS_PRCLOG row of a request we run (a HISTORY request's next day)."""
         c = s.prcreq.c
-
-        def transition(*statuses: str) -> sa.Update:
-            stmt = sa.update(s.prcreq).where(c.request_id == st.request_id, self._owned(st.worker_id, *statuses))
-            if not st.exclusive:
-                return stmt.values(status=s.PROCESSING)
-            other = s.prcreq.alias("other")
-            return stmt.where(sa.or_(c.excl_key == st.mapref, ~sa.exists().where(
-                other.c.excl_key == st.mapref))).values(status=s.PROCESSING, excl_key=st.mapref)
-
-        # Fast path: a fresh claim has no execution open yet, so there is nothing to look up.
-        if conn.execute(transition(s.CLAIMED)).rowcount == 1:
-            return self._open_log(conn, st)
-        if conn.execute(transition(s.PROCESSING)).rowcount != 1:
-            owner = conn.execute(sa.select(c.status, c.claimed_by).where(c.request_id == st.request_id)).first()
-            mine = owner is not None and owner.claimed_by == st.worker_id and owner.status in s.RUNNING_STATUSES
-            return StartRefused.BUSY if mine else StartRefused.LOST
-        p = s.prclog.c
-        existing = conn.execute(sa.select(p.prcid).where(
-            p.request_id == st.request_id, p.worker_id == st.worker_id, p.status == s.IN_PROGRESS,
-            p.param1 == self._fit(st.params["param1"], 250) if st.params.get("param1") is not None else p.param1.is_(None),
-        )).scalar()
-        if existing is not None:
-            return int(existing)
-        return self._open_log(conn, st)
-
-    def _open_log(self, conn: Connection, st: ExecutionStart) -> int:
-        p = s.prclog.c
-        return int(conn.execute(sa.insert(s.prclog).values(
-            mapref=st.mapref, strtdt=self.clock(), status=s.IN_PROGRESS, request_id=st.request_id,
-            worker_id=st.worker_id, attempt=st.attempt,
-            **{k: self._fit(st.params.get(k), 250) for k in s.PARAM_COLUMNS},
-        ).returning(p.prcid)).scalar_one())
-
-    def execution_set_session(self, prcid: int, sessionid: str) -> None:
         with self.begin() as conn:
-            conn.execute(sa.update(s.prclog).where(s.prclog.c.prcid == prcid,
-                                                   s.prclog.c.status == s.IN_PROGRESS)
-                         .values(sessionid=self._fit(sessionid, 64)))
+            owned = conn.execute(sa.update(s.prcreq).where(
+                c.request_id == p.request_id, self._owned(p.worker_id, s.PROCESSING)).values(status=c.status)).rowcount
+            if owned != 1:
+                return StartRefused.LOST
+            return int(conn.execute(sa.insert(s.prclog).values(
+                mapref=p.mapref, strtdt=self.clock(), status=s.IN_PROGRESS, request_id=p.request_id,
+                worker_id=p.worker_id, attempt=p.attempt,
+                **{k: self._fit(p.params.get(k), 250) for k in s.PARAM_COLUMNS},
+            ).returning(s.prclog.c.prcid)).scalar_one())
+
+    def execution_annotate_many(self, notes: Sequence[ExecutionAnnotate]) -> None:
+        """Fill in the params and session of running executions (only while they run)."""
+        with self.begin() as conn:
+            for n in notes:
+                values: dict[str, Any] = {}
+                if n.params is not None:
+                    values.update({k: self._fit(n.params.get(k), 250) for k in s.PARAM_COLUMNS})
+                if n.sessionid is not None:
+                    values["sessionid"] = self._fit(n.sessionid, 64)
+                if values:
+                    conn.execute(sa.update(s.prclog).where(s.prclog.c.prcid == n.prcid,
+                                                           s.prclog.c.status == s.IN_PROGRESS).values(**values))
 
     def execution_finish_many(self, finishes: Sequence[ExecutionFinish]) -> list[bool]:
-        """Close executions (PRCLOG, JOBLOG, JOBERR) and their requests, in one transaction.
-
-        Returns, per finish, whether we still owned the request; nothing is written for a
-        request that is no longer ours (a rescuer already closed its log row).
-        """
+        """Close executions (PRCLOG, JOBLOG, JOBERR), their requests and dependents, in one
+        transaction. Returns, per finish, whether we still owned the request; nothing is
+        written for a request that is no longer ours (a rescuer already closed its log row).
+        The caller never puts two finishes of one request in a batch."""
         with self.begin() as conn:
             return [self._finish_one(conn, f) for f in finishes]
+
+    def execution_complete_tx(self, conn: Connection, f: ExecutionFinish, lock_timeout_s: float) -> bool:
+        """Close one execution in ``conn``'s transaction, where the handler did its work: the
+        caller commits both together if this returns True (still ours) and rolls both back
+        otherwise. The ownership check locks the request row, so a rescuer waits for this
+        transaction and cannot take the row while it commits."""
+        self._bound_transaction(conn, lock_timeout_s)
+        return self._finish_one(conn, f)
+
+    def request_owned_tx(self, conn: Connection, request_id: str, worker_id: str, lock_timeout_s: float) -> bool:
+        """In ``conn``'s transaction: is the request still ours and running? Locks its row, so
+        that it stays ours until this transaction ends (a handler commits its work behind it)."""
+        self._bound_transaction(conn, lock_timeout_s)
+        return self._request_transition(conn, request_id, worker_id, None, (s.PROCESSING,))
 
     def _request_transition(self, conn: Connection, request_id: str, worker_id: str, status: str | None,
                             from_statuses: tuple[str, ...], result_payload: str | None = None,
@@ -395,26 +537,31 @@ class SQLDriver:
         if not self._request_transition(conn, f.request_id, f.worker_id, f.request_status, (s.PROCESSING,),
                                         f.result_payload, f.retry_delay_s, f.refund_attempt):
             return False
+        params = {k: self._fit(f.params.get(k), 250) for k in s.PARAM_COLUMNS} if f.params is not None else {}
         conn.execute(sa.update(s.prclog).where(s.prclog.c.prcid == f.prcid).values(
-            status=f.log_status, enddt=self.clock(), msg=self._fit(f.msg, 4000),
+            status=f.log_status, enddt=self.clock(), msg=self._fit(f.msg, 4000), **params,
             **({"sessionid": self._fit(f.sessionid, 64)} if f.sessionid else {})))
         joblogid = conn.execute(sa.insert(s.joblog).values(
             prcdt=f.prcdt, mapref=f.mapref, srcrows=f.srcrows, trgrows=f.trgrows,
             errrows=f.errrows if f.errrows is not None else (len(f.rejects) or None),
             prcid=f.prcid, sessionid=self._fit(f.sessionid, 64), reccrdt=self.clock(),
         ).returning(s.joblog.c.joblogid)).scalar_one()
-        errors = [dict(errtyp="RECORD", errmsg=self._fit(r.errmsg, 4000), dberrmsg=self._fit(r.dberrmsg, 4000),
-                       keyvalue=self._fit(r.keyvalue, 1000)) for r in f.rejects]
-        if f.error:
-            errtyp, errmsg, dberrmsg = f.error
-            errors.append(dict(errtyp=errtyp, errmsg=self._fit(errmsg, 4000), dberrmsg=self._fit(dberrmsg, 4000),
-                               keyvalue=None))
+        errors = self._error_rows(f)
         if errors:
             conn.execute(sa.insert(s.joberr).values(joblogid=joblogid, prcdt=f.prcdt, prcid=f.prcid,
                                                     mapref=f.mapref), errors)
         if f.request_status == s.DONE and f.jobschid is not None and f.scheduled_for is not None:
             self._enqueue_dependents(conn, f.jobschid, f.scheduled_for)
         return True
+
+    def _error_rows(self, f: ExecutionFinish) -> list[dict[str, Any]]:
+        errors = [dict(errtyp="RECORD", errmsg=self._fit(r.errmsg, 4000), dberrmsg=self._fit(r.dberrmsg, 4000),
+                       keyvalue=self._fit(r.keyvalue, 1000)) for r in f.rejects]
+        if f.error:
+            errtyp, errmsg, dberrmsg = f.error
+            errors.append(dict(errtyp=errtyp, errmsg=self._fit(errmsg, 4000), dberrmsg=self._fit(dberrmsg, 4000),
+                               keyvalue=None))
+        return errors
 
     def _enqueue_dependents(self, conn: Connection, parent: int, scheduled_for: datetime) -> None:
         """Dependent schedules run once per successful parent occurrence, in the same transaction."""
@@ -444,21 +591,21 @@ class SQLDriver:
                 p.request_id == request_id, p.status == s.COMPLETED)).scalars())
 
     # -- stop ------------------------------------------------------------------------------
-    def request_stop(self, *, target_request_id: str | None, mapref: str, by: str) -> StopResult:
+    def request_stop(self, p: StopParams) -> StopResult:
         """Apply a STOP: cancel a NEW target, or flag running ones for their owner."""
         c = s.prcreq.c
-        reason = f"stopped by STOP request {by}"
+        reason = f"stopped by STOP request {p.by}"
         with self.begin() as conn:
-            if target_request_id is not None:
+            if p.target_request_id is not None:
                 cancelled = conn.execute(sa.update(s.prcreq).where(
-                    c.request_id == target_request_id, c.status == s.NEW).values(
+                    c.request_id == p.target_request_id, c.status == s.NEW).values(
                     status=s.CANCELLED, completed_at=self.clock(),
                     result_payload=dumps({"cancelled": reason}))).rowcount
                 if cancelled:
-                    return StopResult(cancelled=(target_request_id,))
-                target = c.request_id == target_request_id
+                    return StopResult(cancelled=(p.target_request_id,))
+                target = c.request_id == p.target_request_id
             else:
-                target = sa.and_(c.mapref == mapref, c.request_type.notin_(s.CONTROL_TYPES))
+                target = sa.and_(c.mapref == p.mapref, c.request_type.notin_(s.CONTROL_TYPES))
             running = conn.execute(sa.select(c.request_id).where(
                 target, c.status.in_(s.RUNNING_STATUSES))).scalars().all()
             if running:
@@ -467,14 +614,15 @@ class SQLDriver:
                                                        c.stop_requested_at.is_(None))
                              .values(stop_requested_at=self.clock()))
                 return StopResult(signalled=tuple(running))
-            if target_request_id is None:
-                return StopResult(reason=f"no running execution of mapref {mapref!r}")
-            status = conn.execute(sa.select(c.status).where(c.request_id == target_request_id)).scalar()
+            if p.target_request_id is None:
+                return StopResult(reason=f"no running execution of mapref {p.mapref!r}")
+            status = conn.execute(sa.select(c.status).where(c.request_id == p.target_request_id)).scalar()
             if status is None:
-                return StopResult(reason=f"no request {target_request_id!r}")
-            return StopResult(reason=f"request {target_request_id!r} already {status}")
+                return StopResult(reason=f"no request {p.target_request_id!r}")
+            return StopResult(reason=f"request {p.target_request_id!r} already {status}")
 
-    def requests_to_stop(self, worker_id: str) -> list[str]:
+    def request_stop_flags(self, worker_id: str) -> list[str]:
+        """Requests of ours that a STOP asked to end."""
         c = s.prcreq.c
         with self.engine.connect() as conn:
             return list(conn.execute(sa.select(c.request_id).where(
@@ -487,61 +635,77 @@ class SQLDriver:
             conn.execute(sa.insert(s.worker).values(
                 worker_id=info.worker_id, host=info.host[:255], pid=info.pid, version=info.version,
                 slots=info.slots, running=0, metrics_port=info.metrics_port, is_leader="N",
-                started_at=self.clock(), heartbeat_at=self.clock()))
+                started_at=self.clock(), heartbeat_at=self.clock(), expires_at=self.clock(info.rescue_after_s)))
 
-    def worker_heartbeat(self, worker_id: str, running: int) -> bool:
-        """Refresh our heartbeat; False means the cluster declared us dead (row removed)."""
+    def worker_heartbeat(self, p: Heartbeat) -> bool:
+        """Refresh our heartbeat and the instant until which we count as alive (heartbeat plus
+        our own rescue window); False means the cluster declared us dead (row removed)."""
         with self.begin() as conn:
-            return conn.execute(sa.update(s.worker).where(s.worker.c.worker_id == worker_id)
-                                .values(heartbeat_at=self.clock(), running=running)).rowcount == 1
+            return conn.execute(sa.update(s.worker).where(s.worker.c.worker_id == p.worker_id).values(
+                heartbeat_at=self.clock(), expires_at=self.clock(p.rescue_after_s), running=p.running)).rowcount == 1
 
     def worker_unregister(self, worker_id: str) -> None:
         with self.begin() as conn:
             conn.execute(sa.delete(s.worker).where(s.worker.c.worker_id == worker_id))
 
-    def request_rescue(self, stale_after_s: float, limit: int = 500) -> RescueResult:
-        """Return rows of replicas with a stale heartbeat to NEW (or FAILED when out of attempts).
+    def _live_workers(self, stale_after_s: float) -> sa.Select:
+        """Replicas still alive by their own word (expires_at), or by a heartbeat newer than
+        ``stale_after_s`` for those that recorded no expiry."""
+        w = s.worker.c
+        return sa.select(w.worker_id).where(sa.or_(
+            w.expires_at >= self.clock(),
+            sa.and_(w.expires_at.is_(None), w.heartbeat_at >= self.clock(-stale_after_s))))
+
+    def request_rescue(self, p: RescueParams) -> RescueResult:
+        """Return rows of dead replicas, and rows with no live owner at all (a DBA's NULL
+        claimed_by, an owner that never existed), to NEW, or FAILED when out of attempts.
 
         Also closes their ``IP`` log rows with a DMS_JOBERR entry and removes the dead
         replicas' DMS_WORKER rows. Bounded per call; the caller repeats while work remains.
         """
-        c, w, p = s.prcreq.c, s.worker.c, s.prclog.c
-        cutoff = self.clock(-stale_after_s)
-        live = sa.select(w.worker_id).where(w.heartbeat_at >= cutoff)
+        c, w, p_ = s.prcreq.c, s.worker.c, s.prclog.c
+        live = self._live_workers(p.stale_after_s)
         max_attempts = sa.func.coalesce(
             sa.select(s.job.c.max_attempts).where(s.job.c.mapref == c.mapref).scalar_subquery(), 1)
         with self.begin() as conn:
-            dead_workers = tuple(conn.execute(sa.select(w.worker_id).where(w.heartbeat_at < cutoff)).scalars())
+            dead_workers = tuple(conn.execute(sa.select(w.worker_id).where(w.worker_id.notin_(live))).scalars())
             rows = conn.execute(sa.select(c.request_id, c.claimed_by, c.attempts, max_attempts.label("max_attempts"))
-                                .where(c.status.in_(s.RUNNING_STATUSES), c.claimed_by.notin_(live))
-                                .order_by(c.claimed_at).limit(limit)).all()
+                                .where(c.status.in_(s.RUNNING_STATUSES),
+                                       sa.or_(c.claimed_by.is_(None), c.claimed_by.notin_(live)))
+                                .order_by(c.claimed_at).limit(p.limit)).all()
             requeued, failed = [], []
             for r in rows:
-                reason = f"rescued: worker {r.claimed_by} stopped heartbeating"
-                if r.attempts < r.max_attempts:
-                    ok = self._request_transition(conn, r.request_id, r.claimed_by, s.NEW, s.RUNNING_STATUSES,
-                                                  dumps({"rescued": reason}))
-                    (requeued if ok else []).append(r.request_id)
+                owner = c.claimed_by.is_(None) if r.claimed_by is None else c.claimed_by == r.claimed_by
+                reason = (f"rescued: worker {r.claimed_by} stopped heartbeating" if r.claimed_by
+                          else "rescued: it was running with no owner (claimed_by empty)")
+                out_of_attempts = r.attempts >= r.max_attempts
+                stmt = sa.update(s.prcreq).where(c.request_id == r.request_id, owner, c.status.in_(s.RUNNING_STATUSES))
+                if out_of_attempts:
+                    stmt = stmt.values(status=s.FAILED, completed_at=self.clock(), excl_key=None,
+                                       result_payload=dumps({"error": f"{reason}; no attempts left"}))
                 else:
-                    ok = self._request_transition(conn, r.request_id, r.claimed_by, s.FAILED, s.RUNNING_STATUSES,
-                                                  dumps({"error": f"{reason}; no attempts left"}))
-                    (failed if ok else []).append(r.request_id)
-            orphan_logs = conn.execute(sa.select(p.prcid, p.mapref, p.worker_id).where(
-                p.status == s.IN_PROGRESS, p.worker_id.notin_(live)).limit(limit)).all()
+                    stmt = stmt.values(status=s.NEW, claimed_by=None, claimed_at=None, excl_key=None,
+                                       stop_requested_at=None, not_before=self.clock(),
+                                       result_payload=dumps({"rescued": reason}))
+                if conn.execute(stmt).rowcount == 1:
+                    (failed if out_of_attempts else requeued).append(r.request_id)
+            orphan_logs = conn.execute(sa.select(p_.prcid, p_.mapref, p_.worker_id).where(
+                p_.status == s.IN_PROGRESS, sa.or_(p_.worker_id.is_(None), p_.worker_id.notin_(live))).limit(p.limit)).all()
             for log in orphan_logs:
                 msg = f"worker {log.worker_id} lost (heartbeat stale); execution abandoned"
-                conn.execute(sa.update(s.prclog).where(p.prcid == log.prcid, p.status == s.IN_PROGRESS)
+                conn.execute(sa.update(s.prclog).where(p_.prcid == log.prcid, p_.status == s.IN_PROGRESS)
                              .values(status=s.LOG_FAILED, enddt=self.clock(), msg=msg))
                 conn.execute(sa.insert(s.joberr).values(errtyp="RESCUE", errmsg=msg, prcid=log.prcid,
                                                         mapref=log.mapref, prcdt=None))
             if dead_workers:
-                conn.execute(sa.delete(s.worker).where(w.worker_id.in_(dead_workers), w.heartbeat_at < cutoff))
+                conn.execute(sa.delete(s.worker).where(w.worker_id.in_(dead_workers), w.worker_id.notin_(live)))
         return RescueResult(tuple(requeued), tuple(failed), len(orphan_logs), dead_workers)
 
     def request_release_orphans(self, worker_id: str, known: Iterable[str]) -> list[str]:
         """Hand back rows claimed under our id that we do not know about.
 
-        Happens when a claim committed but its acknowledgement was lost with the connection.
+        Happens when a claim committed but its acknowledgement was lost with the connection,
+        or when a DBA set our id on a row by hand.
         """
         c = s.prcreq.c
         known = set(known)
@@ -575,9 +739,9 @@ class SQLDriver:
         return [ScheduleRow(**r._mapping) for r in rows]
 
     def _lease_valid(self, worker_id: str, epoch: int) -> sa.ColumnElement:
-        l = s.leader.c
-        return sa.exists().where(l.name == LEADER_NAME, l.holder == worker_id, l.epoch == epoch,
-                                 l.expires_at > self.clock())
+        l_ = s.leader.c
+        return sa.exists().where(l_.name == LEADER_NAME, l_.holder == worker_id, l_.epoch == epoch,
+                                 l_.expires_at > self.clock())
 
     def occurrence_enqueue(self, p: OccurrenceEnqueue) -> int | None:
         """Insert due occurrences (an occurrence already there is not an error) and move the
@@ -602,25 +766,85 @@ class SQLDriver:
         per-row inserts that treat a unique violation as "already there" (Oracle's ORA-00001)."""
         raise NotImplementedError
 
-    def request_prune(self, older_than_s: float, limit: int = 1000) -> int:
-        """Delete finished requests completed more than ``older_than_s`` ago, at most ``limit``."""
+    def request_prune(self, p: PruneParams) -> int:
+        """Delete finished requests completed more than ``p.older_than_s`` ago, at most ``p.limit``."""
         c = s.prcreq.c
         with self.begin() as conn:
             ids = conn.execute(sa.select(c.request_id).where(
-                c.status.in_(s.TERMINAL_STATUSES), c.completed_at < self.clock(-older_than_s)).limit(limit)).scalars().all()
+                c.status.in_(s.TERMINAL_STATUSES), c.completed_at < self.clock(-p.older_than_s))
+                .limit(p.limit)).scalars().all()
             if ids:
                 conn.execute(sa.delete(s.prcreq).where(c.request_id.in_(ids), c.status.in_(s.TERMINAL_STATUSES)))
         return len(ids)
 
+    def execution_prune(self, p: PruneParams) -> int:
+        """Delete ended executions (DMS_PRCLOG) older than ``p.older_than_s``, at most
+        ``p.limit``, together with their DMS_JOBLOG and DMS_JOBERR rows."""
+        c = s.prclog.c
+        with self.begin() as conn:
+            ids = conn.execute(sa.select(c.prcid).where(c.status != s.IN_PROGRESS, c.enddt < self.clock(-p.older_than_s))
+                               .limit(p.limit)).scalars().all()
+            if ids:
+                conn.execute(sa.delete(s.joberr).where(s.joberr.c.prcid.in_(ids)))
+                conn.execute(sa.delete(s.joblog).where(s.joblog.c.prcid.in_(ids)))
+                conn.execute(sa.delete(s.prclog).where(c.prcid.in_(ids)))
+        return len(ids)
+
     # -- leader ----------------------------------------------------------------------------
-    default_leader_mode = "lease"
+    def leader_lease_take(self, p: LeaderElect) -> LeaderResult:
+        """Take the lease row when it is free, expired or already ours (or whatever it says,
+        with ``force``); the epoch goes up with every new term."""
+        l_ = s.leader.c
+        with self.begin() as conn:
+            free = sa.or_(l_.holder.is_(None), l_.expires_at <= self.clock(), l_.holder == p.worker_id)
+            taken = conn.execute(sa.update(s.leader).where(l_.name == LEADER_NAME, *(() if p.force else (free,)))
+                                 .values(holder=p.worker_id, epoch=l_.epoch + 1, acquired_at=self.clock(),
+                                         expires_at=self.clock(p.ttl_s), mode=p.mode)).rowcount
+            if not taken:
+                held = conn.execute(sa.select(l_.expires_at, self.clock()).where(l_.name == LEADER_NAME)).first()
+                if held is not None:
+                    expires_in = (held[0] - held[1]).total_seconds() if held[0] is not None else None
+                    return LeaderResult(None, expires_in)
+                try:
+                    with conn.begin_nested():
+                        conn.execute(sa.insert(s.leader).values(name=LEADER_NAME, holder=p.worker_id, epoch=1,
+                                                                acquired_at=self.clock(), mode=p.mode,
+                                                                expires_at=self.clock(p.ttl_s)))
+                except sa.exc.IntegrityError:
+                    return LeaderResult(None)      # another replica created it first
+            epoch = conn.execute(sa.select(l_.epoch).where(l_.name == LEADER_NAME, l_.holder == p.worker_id)).scalar_one()
+            w = s.worker.c
+            conn.execute(sa.update(s.worker).where(w.is_leader == "Y", w.worker_id != p.worker_id).values(is_leader="N"))
+            conn.execute(sa.update(s.worker).where(w.worker_id == p.worker_id).values(is_leader="Y"))
+            return LeaderResult(int(epoch))
 
-    def leader_elector(self, mode: str, ttl_s: float) -> "LeaseElector":
-        """``lease``: the lease row, on every database. Drivers add ``lock`` (a session lock)."""
-        if mode == "lease" or (mode == "auto" and self.default_leader_mode == "lease"):
-            return LeaseElector(self, ttl_s)
-        raise ValueError(f"leader mode {mode!r} is not available on {self.name}")
+    def leader_lease_renew(self, p: LeaderTerm) -> bool:
+        l_ = s.leader.c
+        with self.begin() as conn:
+            return conn.execute(sa.update(s.leader).where(l_.name == LEADER_NAME, l_.holder == p.worker_id,
+                                                          l_.epoch == p.epoch)
+                                .values(expires_at=self.clock(p.ttl_s))).rowcount == 1
 
+    def leader_lease_resign(self, p: LeaderTerm) -> None:
+        l_ = s.leader.c
+        with self.begin() as conn:
+            conn.execute(sa.update(s.leader).where(l_.name == LEADER_NAME, l_.holder == p.worker_id, l_.epoch == p.epoch)
+                         .values(holder=None, expires_at=self.clock()))
+            conn.execute(sa.update(s.worker).where(s.worker.c.worker_id == p.worker_id).values(is_leader="N"))
+
+    def leader_lock_try(self) -> bool:
+        """Try to take the leader's session lock (held by a dedicated session until released or
+        until that session ends); True if we hold it now."""
+        raise NotImplementedError(f"no session lock on {self.name}")
+
+    def leader_lock_held(self) -> bool:
+        """Whether the session that holds our lock is still there (a round trip on it)."""
+        return False
+
+    def leader_lock_release(self) -> None:
+        """Release the lock and close its session (idempotent)."""
+
+    # -- the queue as the leader's gauges see it -------------------------------------------
     def queue_depth(self) -> tuple[list[tuple[str, str, int]], float | None, int]:
         """Unfinished requests by status and type, age of the oldest NEW, executions running.
 
@@ -663,143 +887,16 @@ class SQLDriver:
         }
 
 
-class LeaseElector:
-    """Leadership by a lease row in DMS_LEADER: holder, epoch and expiry from the database clock.
-
-    A replica takes the lease when it is free or expired (the epoch goes up), renews it while
-    it leads, and gives it up on shutdown. Leader actions are fenced by the epoch
-    (``SQLDriver._lease_valid``), so a leader that was paused past its expiry cannot act.
-    """
-
-    mode = "lease"
-
-    def __init__(self, driver: SQLDriver, ttl_s: float) -> None:
-        self.driver, self.ttl_s = driver, ttl_s
-        # After a failed attempt: seconds until the holder's lease expires (database clock), so
-        # that a follower can ask again right then rather than at its next heartbeat.
-        self.expires_in: float | None = None
-
-    def attempt(self, worker_id: str) -> int | None:
-        return self._take(worker_id, force=False)
-
-    def _take(self, worker_id: str, force: bool) -> int | None:
-        d, l = self.driver, s.leader.c
-        with d.begin() as conn:
-            free = sa.or_(l.holder.is_(None), l.expires_at <= d.clock(), l.holder == worker_id)
-            taken = conn.execute(sa.update(s.leader).where(l.name == LEADER_NAME, *(() if force else (free,)))
-                                 .values(holder=worker_id, epoch=l.epoch + 1, acquired_at=d.clock(),
-                                         expires_at=d.clock(self.ttl_s))).rowcount
-            self.expires_in = None
-            if not taken:
-                held = conn.execute(sa.select(l.expires_at, d.clock()).where(l.name == LEADER_NAME)).first()
-                if held is not None:
-                    if held[0] is not None:
-                        self.expires_in = (held[0] - held[1]).total_seconds()
-                    return None
-                try:
-                    with conn.begin_nested():
-                        conn.execute(sa.insert(s.leader).values(name=LEADER_NAME, holder=worker_id, epoch=1,
-                                                                acquired_at=d.clock(), expires_at=d.clock(self.ttl_s)))
-                except sa.exc.IntegrityError:
-                    return None      # another replica created it first
-            epoch = conn.execute(sa.select(l.epoch).where(l.name == LEADER_NAME, l.holder == worker_id)).scalar_one()
-            w = s.worker.c
-            conn.execute(sa.update(s.worker).where(w.is_leader == "Y", w.worker_id != worker_id).values(is_leader="N"))
-            conn.execute(sa.update(s.worker).where(w.worker_id == worker_id).values(is_leader="Y"))
-            return int(epoch)
-
-    def renew(self, worker_id: str, epoch: int) -> bool:
-        d, l = self.driver, s.leader.c
-        with d.begin() as conn:
-            return conn.execute(sa.update(s.leader).where(l.name == LEADER_NAME, l.holder == worker_id, l.epoch == epoch)
-                                .values(expires_at=d.clock(self.ttl_s))).rowcount == 1
-
-    def resign(self, worker_id: str, epoch: int) -> None:
-        d, l = self.driver, s.leader.c
-        with d.begin() as conn:
-            conn.execute(sa.update(s.leader).where(l.name == LEADER_NAME, l.holder == worker_id, l.epoch == epoch)
-                         .values(holder=None, expires_at=d.clock()))
-            conn.execute(sa.update(s.worker).where(s.worker.c.worker_id == worker_id).values(is_leader="N"))
-
-    def close(self) -> None:
-        pass
-
-
-class SessionLockElector(LeaseElector):
-    """Leadership by a session lock held on a dedicated connection, plus the lease row.
-
-    The server releases the lock the moment the holder's session ends (a killed leader's socket
-    closes), so a follower takes over on its next attempt. The DMS_LEADER row is still written:
-    its epoch fences leader actions, and its expiry lets a follower replace a hung leader that
-    stays connected and so keeps the lock. Drivers supply the four session steps.
-    """
-
-    mode = "lock"
-
-    def __init__(self, driver: SQLDriver, ttl_s: float) -> None:
-        super().__init__(driver, ttl_s)
-        self.conn: Any = None
-
-    def _connect(self) -> Any:
-        raise NotImplementedError
-
-    def _try_lock(self) -> bool:
-        raise NotImplementedError
-
-    def _ping(self) -> None:
-        raise NotImplementedError
-
-    def _unlock(self) -> None:
-        raise NotImplementedError
-
-    def attempt(self, worker_id: str) -> int | None:
-        if self.conn is None:
-            self.conn = self._connect()
-        try:
-            locked = self._try_lock()
-        except Exception:
-            self.close()                                # a lost session: the next attempt reconnects
-            raise
-        if not locked:
-            return self._take(worker_id, force=False)   # held elsewhere: only an expired lease is ours
-        try:
-            return self._take(worker_id, force=True)    # ours: its last holder's session is gone
-        except Exception:
-            self.close()                                # never keep the lock without the row
-            raise
-
-    def renew(self, worker_id: str, epoch: int) -> bool:
-        try:
-            self._ping()
-        except Exception:  # noqa: BLE001 - the session, and so the lock, is gone
-            self.close()
-            return False
-        return super().renew(worker_id, epoch)
-
-    def resign(self, worker_id: str, epoch: int) -> None:
-        try:
-            super().resign(worker_id, epoch)
-            if self.conn is not None:
-                # Unlock explicitly: closing the session releases it too, but only once the
-                # server has noticed, and a successor may be asking right now.
-                self._unlock()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.close()     # ends the session: the server releases the lock
-            self.conn = None
-
-
 class Listener:
-    """A wake-up channel: readable ``fileno()``; ``drain()`` returns the channels that fired."""
+    """A wake-up channel: readable ``fileno()``; ``drain()`` returns what fired, as
+    (channel, payload) pairs (channels: ``dms_prcreq`` work may be waiting, ``dms_stop`` a
+    running request was asked to stop; a ``dms_prcreq`` payload may name, as epoch seconds of
+    the database clock, when a row that is not due yet becomes due)."""
 
     def fileno(self) -> int:
         raise NotImplementedError
 
-    def drain(self) -> set[str]:
+    def drain(self) -> list[tuple[str, str]]:
         raise NotImplementedError
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .. import schema as s
-from .base import ClaimedRequest, ClaimParams, Listener, SessionLockElector, SQLDriver
+from .base import ClaimedRequest, ClaimParams, JobDef, Listener, SQLDriver
 from .oracle_script import split_script
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,14 @@ WAKEUP_QUEUE = "DMS_WAKEUP_Q"
 
 NOW_SQL = "SYS_EXTRACT_UTC(SYSTIMESTAMP)"
 
-# Job lane. Ordered, unlimited, locked row by row as fetched; the caller fetches job_limit rows.
-CLAIM_JOBS_SQL = f"""SELECT r.request_id FROM dms_prcreq r
+# Job lane. Ordered, unlimited, locked row by row as fetched; the caller fetches a few more rows
+# than it has slots (at most one per no-overlap mapref can start) and starts what it picks.
+CLAIM_JOBS_SQL = f"""SELECT r.request_id, r.mapref, r.request_type FROM dms_prcreq r
 WHERE r.status = 'NEW' AND r.not_before <= {NOW_SQL}
   AND r.request_type NOT IN ('STOP', 'REFRESH_SCHEDULE')
   AND NOT EXISTS (SELECT 1 FROM dms_prcreq b WHERE b.excl_key = r.mapref)
+  AND NOT EXISTS (SELECT 1 FROM dms_prcreq x WHERE x.status = 'NEW' AND x.request_type = 'STOP'
+                                             AND x.mapref = r.mapref)
   AND NOT EXISTS (SELECT 1 FROM dms_job j WHERE j.mapref = r.mapref AND j.paused = 'Y')
 ORDER BY r.priority DESC, r.not_before, r.requested_at
 FOR UPDATE SKIP LOCKED"""
@@ -53,7 +56,7 @@ FOR UPDATE SKIP LOCKED"""
 # Control lane (STOP, REFRESH_SCHEDULE): never waits behind jobs. {types} is a list of binds.
 CLAIM_CONTROL_SQL = f"""SELECT r.request_id FROM dms_prcreq r
 WHERE r.status = 'NEW' AND r.request_type IN ({{types}}) AND r.not_before <= {NOW_SQL}
-ORDER BY r.requested_at
+ORDER BY r.request_type, r.requested_at
 FOR UPDATE SKIP LOCKED"""
 
 LOCK_REQUEST_SQL = ("BEGIN :result := DBMS_LOCK.REQUEST(id => :lock_id, lockmode => DBMS_LOCK.X_MODE, "
@@ -101,10 +104,10 @@ class OracleDriver(SQLDriver):
     aq_recheck_s = 60.0
 
     def __init__(self, url: str, *, schema: str | None = None, engine: Engine | None = None,
-                 pre_ping: bool = False) -> None:
+                 pre_ping: bool = False, statement_timeout_s: float | None = None) -> None:
         if schema is not None and not _IDENT.match(schema):
             raise ValueError(f"invalid schema name {schema!r}")
-        super().__init__(url, schema=schema, engine=engine, pre_ping=pre_ping)
+        super().__init__(url, schema=schema, engine=engine, pre_ping=pre_ping, statement_timeout_s=statement_timeout_s)
         self._aq_checked_at: float | None = None
 
     def _create_engine(self, url: str) -> Engine:
@@ -116,6 +119,9 @@ class OracleDriver(SQLDriver):
         return engine
 
     def _on_connect(self, dbapi_conn: Any) -> None:
+        if self.statement_timeout_s:
+            # The replica's own round trips: none waits (a lock, a cut-off network) past this.
+            dbapi_conn.call_timeout = int(self.statement_timeout_s * 1000)
         if self.schema:
             with dbapi_conn.cursor() as cur:
                 cur.execute(f"ALTER SESSION SET CURRENT_SCHEMA = {self.schema}")
@@ -142,26 +148,29 @@ class OracleDriver(SQLDriver):
         return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
 
     def request_claim(self, p: ClaimParams) -> list[ClaimedRequest]:
-        c = s.prcreq.c
         with self.begin() as conn:
-            ids: list[str] = []
+            control_ids: list[str] = []
             if p.control_types and p.control_limit > 0:
                 binds = {f"t{i}": t for i, t in enumerate(p.control_types)}
                 sql = CLAIM_CONTROL_SQL.format(types=", ".join(f":{k}" for k in binds))
-                ids += self._fetch_locked(conn, sql, binds, p.control_limit)
+                control_ids = [row[0] for row in self._fetch_locked(conn, sql, binds, p.control_limit)]
+            picked = []
             if p.job_limit > 0:
-                ids += self._fetch_locked(conn, CLAIM_JOBS_SQL, {}, p.job_limit)
-            if not ids:
-                return []
-            conn.execute(sa.update(s.prcreq).where(c.request_id.in_(ids), c.status == s.NEW).values(
-                status=s.CLAIMED, claimed_by=p.worker_id, claimed_at=self.clock(),
-                attempts=c.attempts + 1, stop_requested_at=None))
-            rows = conn.execute(sa.select(*(c[name] for name in self._CLAIM_COLUMNS)).where(
-                c.request_id.in_(ids), c.claimed_by == p.worker_id, c.status == s.CLAIMED)).all()
-        return self._claimed(rows)
+                rows = self._fetch_locked(conn, CLAIM_JOBS_SQL, {}, 3 * p.job_limit + 5)
+                # DMS_JOB.params is a CLOB: read the jobs apart from the locking cursor (a LOB
+                # there would turn off prefetch and lock rows we never fetch).
+                jobs = self._jobs_in(conn, {row[1] for row in rows})
+                picked = self._pick(((rid, mapref, rtype, jobs.get(mapref)) for rid, mapref, rtype in rows), p.job_limit)
+            return self._start_picked(conn, p.worker_id, picked, control_ids)
+
+    def _jobs_in(self, conn: Connection, maprefs: set[str]) -> dict[str, JobDef]:
+        if not maprefs:
+            return {}
+        rows = conn.execute(sa.select(s.job).where(s.job.c.mapref.in_(sorted(maprefs)))).all()
+        return {r.mapref: self._job(r) for r in rows}
 
     @staticmethod
-    def _fetch_locked(conn: Connection, sql: str, binds: dict[str, Any], n: int) -> list[str]:
+    def _fetch_locked(conn: Connection, sql: str, binds: dict[str, Any], n: int) -> list[tuple]:
         """Fetch and lock at most ``n`` rows of a SKIP LOCKED cursor: every row the server ships
         is locked, so the first round trip (prefetch) and any later one (arraysize) carry n."""
         cursor = conn.connection.driver_connection.cursor()
@@ -169,7 +178,7 @@ class OracleDriver(SQLDriver):
             cursor.prefetchrows = n
             cursor.arraysize = n
             cursor.execute(sql, binds)
-            return [row[0] for row in cursor.fetchmany(n)]
+            return [tuple(row) for row in cursor.fetchmany(n)]
         finally:
             cursor.close()
 
@@ -186,10 +195,39 @@ class OracleDriver(SQLDriver):
         return inserted
 
     # -- leader and wake-ups ---------------------------------------------------------------
-    def leader_elector(self, mode: str, ttl_s: float):
-        if mode in ("auto", "lock"):
-            return OracleLockElector(self, ttl_s)
-        return super().leader_elector(mode, ttl_s)
+    supports_leader_lock = True
+    _lock_conn: Any = None
+
+    def leader_lock_try(self) -> bool:
+        """``DBMS_LOCK.REQUEST`` (exclusive, timeout 0, kept across commits) on a dedicated
+        session outside the pool; 0 is success, 4 means the lock is already ours."""
+        if self._lock_conn is None:
+            self._lock_conn = self.connect_dedicated()
+        try:
+            with self._lock_conn.cursor() as cur:
+                return _lock_request(cur, LEADER_LOCK_ID, timeout_s=0) != _LOCK_TIMEOUT
+        except Exception:
+            self.leader_lock_release()              # a lost session: the next attempt reconnects
+            raise
+
+    def leader_lock_held(self) -> bool:
+        if self._lock_conn is None:
+            return False
+        try:
+            self._lock_conn.ping()
+            return True
+        except Exception:  # noqa: BLE001 - the session, and so the lock, is gone
+            self.leader_lock_release()
+            return False
+
+    def leader_lock_release(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                with conn.cursor() as cur:
+                    cur.execute(LOCK_RELEASE_SQL, result=cur.var(int), lock_id=LEADER_LOCK_ID)
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def listener(self) -> "AqListener | None":
         now = time.monotonic()
@@ -281,25 +319,6 @@ def _lock_request(cursor: Any, lock_id: int, timeout_s: int) -> int:
     return code
 
 
-class OracleLockElector(SessionLockElector):
-    """Leadership by ``DBMS_LOCK.REQUEST`` (exclusive, timeout 0, kept across commits) held by a
-    dedicated session outside the pool."""
-
-    def _connect(self) -> Any:
-        return self.driver.connect_dedicated()
-
-    def _try_lock(self) -> bool:
-        with self.conn.cursor() as cur:
-            return _lock_request(cur, LEADER_LOCK_ID, timeout_s=0) != _LOCK_TIMEOUT   # 0, or 4: already ours
-
-    def _ping(self) -> None:
-        self.conn.ping()
-
-    def _unlock(self) -> None:
-        with self.conn.cursor() as cur:
-            cur.execute(LOCK_RELEASE_SQL, result=cur.var(int), lock_id=LEADER_LOCK_ID)
-
-
 class AqListener(Listener):
     """Waits on the AQ wake-up queue in a thread with its own connection (a waiting dequeue
     blocks its connection) and signals the control loop through a socket pair, so it can sit
@@ -339,14 +358,14 @@ class AqListener(Listener):
     def fileno(self) -> int:
         return self._r.fileno()
 
-    def drain(self) -> set[str]:
+    def drain(self) -> list[tuple[str, str]]:
         data = b""
         with contextlib.suppress(BlockingIOError, OSError):
             while chunk := self._r.recv(256):
                 data += chunk
         if self._error is not None:
             raise self._error
-        return {"dms_prcreq"} if data else set()
+        return [("dms_prcreq", "")] if data else []
 
     def close(self) -> None:
         self._stop.set()

@@ -40,3 +40,16 @@ CREATE TRIGGER dms_prcreq_release_notify AFTER UPDATE OF excl_key ON dms_prcreq
 CREATE TRIGGER dms_job_resume_notify AFTER UPDATE OF paused ON dms_job
     FOR EACH ROW WHEN (OLD.paused = 'Y' AND NEW.paused = 'N')
     EXECUTE FUNCTION dms_prcreq_notify();
+
+-- A request handed back for a retry later (not_before in the future) says when, so that idle
+-- replicas wake up then instead of at their next poll.
+CREATE FUNCTION dms_prcreq_due_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('dms_prcreq', CASE WHEN NEW.not_before > timezone('UTC', statement_timestamp())
+                                         THEN extract(epoch FROM NEW.not_before)::text ELSE '' END);
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER dms_prcreq_requeue_notify ON dms_prcreq;
+CREATE TRIGGER dms_prcreq_requeue_notify AFTER UPDATE OF status ON dms_prcreq
+    FOR EACH ROW WHEN (NEW.status = 'NEW' AND OLD.status <> 'NEW') EXECUTE FUNCTION dms_prcreq_due_notify();
