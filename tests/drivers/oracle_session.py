@@ -1,0 +1,154 @@
+"""A simulated python-oracledb session under the real SQLAlchemy Oracle dialect, for tests.
+
+``test_oracle_sql.py`` replaces SQLAlchemy's engine and connection with recorders: it checks
+the SQL the driver produces, but not what SQLAlchemy itself does around it (the first-connect
+step, autobegin, commit, error wrapping, OUT binds). Here only the DB-API connection is a
+stand-in: SQLAlchemy's pool, dialect and ``Connection`` are the real ones, so a test sees what
+a replica would do against a server, given the answers this session gives.
+
+The session keeps the state the tests need: its CURRENT_SCHEMA (the login user until an
+``ALTER SESSION SET ... CURRENT_SCHEMA = X``), whether a transaction holds uncommitted work
+(``committed`` / ``rolled_back`` record what became of it), and answers
+``SYS_CONTEXT('USERENV', 'CURRENT_SCHEMA')``. A statement containing ``fail_on`` raises
+``error`` (a real ``oracledb.DatabaseError``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import oracledb
+from oracledb import errors
+
+from worker.drivers.oracle import OracleDriver
+
+_TEXT = ("X", oracledb.DB_TYPE_VARCHAR, 128, 128, None, None, True)
+
+
+def ora_error(message: str) -> oracledb.DatabaseError:
+    """A python-oracledb error as the driver raises it (``full_code``, ``code``, ``str``)."""
+    code = int(re.match(r"ORA-(\d+)", message).group(1))
+    error = errors._Error(message, code=code)
+    return (oracledb.IntegrityError if code in errors.ERR_INTEGRITY_ERROR_CODES else oracledb.DatabaseError)(error)
+
+
+@dataclass
+class Session:
+    user: str = "DMS"
+    fail_on: str | None = None
+    error: BaseException | None = None
+    executed: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    committed: list[list[str]] = field(default_factory=list)
+    rolled_back: list[list[str]] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    current_schema: str = ""
+
+    def __post_init__(self) -> None:
+        self.current_schema = self.user.upper()
+
+
+class _Var:
+    def __init__(self, *_args: Any, outconverter: Any = None, **_kw: Any) -> None:
+        self.value, self.outconverter = None, outconverter
+
+    def getvalue(self, _pos: int = 0) -> Any:
+        if self.outconverter is not None and self.value is not None:
+            return self.outconverter(self.value)
+        return self.value
+
+
+class _Cursor:
+    rowcount = 0
+    arraysize = 100
+    prefetchrows = 2
+    outputtypehandler = None
+
+    def __init__(self, session: Session) -> None:
+        self.session, self.description, self._rows = session, None, []
+
+    def var(self, *args: Any, **kw: Any) -> _Var:
+        return _Var(*args, **kw)
+
+    def execute(self, sql: str, params: Any = None, **kw: Any) -> "_Cursor":
+        binds = dict(params or {}, **kw)
+        s = self.session
+        s.executed.append((sql, binds))
+        if s.fail_on and s.fail_on in sql:
+            raise s.error
+        self.description, self._rows = None, []
+        if m := re.search(r"CURRENT_SCHEMA\s*=\s*(\w+)", sql):
+            s.current_schema = m.group(1).upper()
+        if re.search(r"sys_context\(\s*'userenv',\s*'current_schema'\s*\)", sql, re.IGNORECASE):
+            self.description, self._rows = [_TEXT], [(s.current_schema,)]
+        elif sql.startswith("SELECT 1.1 FROM DUAL"):        # the dialect's decimal-character probe
+            self.description, self._rows = [_TEXT], [("1.1",)]
+        elif re.match(r"\s*(BEGIN|INSERT|UPDATE|DELETE|MERGE)\b", sql, re.IGNORECASE) and "dbms_transaction" not in sql:
+            s.pending.append(sql)
+            for value in binds.values():                     # a procedure sets its OUT binds
+                if isinstance(value, _Var):
+                    value.value = "4"
+        return self
+
+    def fetchone(self) -> tuple | None:
+        return self._rows.pop(0) if self._rows else None
+
+    def fetchall(self) -> list[tuple]:
+        rows, self._rows = self._rows, []
+        return rows
+
+    def fetchmany(self, _n: int | None = None) -> list[tuple]:
+        return self.fetchall()
+
+    def setinputsizes(self, *_a: Any, **_kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "_Cursor":
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        pass
+
+
+class _Connection:
+    max_identifier_length = 128
+    version = "23.5.0.24.7"
+    autocommit = False
+    outputtypehandler = None
+    stmtcachesize = 20
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def cursor(self) -> _Cursor:
+        return _Cursor(self.session)
+
+    def commit(self) -> None:
+        if self.session.pending:
+            self.session.committed.append(self.session.pending)
+        self.session.pending = []
+
+    def rollback(self) -> None:
+        if self.session.pending:
+            self.session.rolled_back.append(self.session.pending)
+        self.session.pending = []
+
+    def cancel(self) -> None:
+        pass
+
+    def ping(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.rollback()
+
+
+def simulated_driver(session: Session, schema: str | None = None) -> OracleDriver:
+    """An OracleDriver whose pool opens simulated sessions (all sharing ``session``'s state)."""
+    driver = OracleDriver(f"oracle+oracledb://{session.user.lower()}:secret@db.example:1521/?service_name=FREEPDB1",
+                          schema=schema)
+    driver.engine.pool._creator = lambda *_a: _Connection(session)
+    return driver
