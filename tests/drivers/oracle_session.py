@@ -10,7 +10,12 @@ The session keeps the state the tests need: its CURRENT_SCHEMA (the login user u
 ``ALTER SESSION SET ... CURRENT_SCHEMA = X``), whether a transaction holds uncommitted work
 (``committed`` / ``rolled_back`` record what became of it), and answers
 ``SYS_CONTEXT('USERENV', 'CURRENT_SCHEMA')``. A statement containing ``fail_on`` raises
-``error`` (a real ``oracledb.DatabaseError``).
+``error`` (a real ``oracledb.DatabaseError``); ``fail_once`` does so only the first time.
+
+DDL is modelled as far as a migration needs: the session knows which tables, columns,
+constraints and indexes exist (``objects``), and a statement whose effect is already there
+fails with the error Oracle gives for it (ORA-00955, ORA-01430, ORA-02264, ORA-01418). DDL
+takes effect at once, whatever becomes of the transaction, as on Oracle.
 """
 from __future__ import annotations
 
@@ -43,6 +48,9 @@ class Session:
     rolled_back: list[list[str]] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
     current_schema: str = ""
+    fail_once: bool = False
+    objects: set[str] = field(default_factory=set)     # TABLE:X, INDEX:X, COLUMN:T.C, CONSTRAINT:X
+    ddl: list[str] = field(default_factory=list)        # DDL statements that took effect
 
     def __post_init__(self) -> None:
         self.current_schema = self.user.upper()
@@ -75,7 +83,12 @@ class _Cursor:
         s = self.session
         s.executed.append((sql, binds))
         if s.fail_on and s.fail_on in sql:
+            if s.fail_once:
+                s.fail_on = None
             raise s.error
+        if _ddl(s, sql):
+            s.ddl.append(sql)
+            return self
         self.description, self._rows = None, []
         if m := re.search(r"CURRENT_SCHEMA\s*=\s*(\w+)", sql):
             s.current_schema = m.group(1).upper()
@@ -111,6 +124,34 @@ class _Cursor:
 
     def __exit__(self, *_exc: Any) -> None:
         pass
+
+
+def _ddl(s: Session, sql: str) -> bool:
+    """Apply a DDL statement to the session's objects; False when ``sql`` is not DDL."""
+    text = " ".join(sql.split()).upper()
+    if m := re.match(r"CREATE TABLE (\w+)", text):
+        new = [f"TABLE:{m.group(1)}"]
+        error = "ORA-00955: name is already used by an existing object"
+    elif m := re.match(r"CREATE (?:UNIQUE )?INDEX (\w+)", text):
+        new = [f"INDEX:{m.group(1)}"]
+        error = "ORA-00955: name is already used by an existing object"
+    elif m := re.match(r"DROP INDEX (\w+)", text):
+        if f"INDEX:{m.group(1)}" not in s.objects:
+            raise ora_error("ORA-01418: specified index does not exist")
+        s.objects.discard(f"INDEX:{m.group(1)}")
+        return True
+    elif m := re.match(r"ALTER TABLE (\w+) ADD CONSTRAINT (\w+)", text):
+        new = [f"CONSTRAINT:{m.group(2)}"]
+        error = "ORA-02264: name already used by an existing constraint"
+    elif m := re.match(r"ALTER TABLE (\w+) ADD \((\w+)", text):
+        new = [f"COLUMN:{m.group(1)}.{m.group(2)}"]
+        error = "ORA-01430: column being added already exists in table"
+    else:
+        return False
+    if any(o in s.objects for o in new):
+        raise ora_error(error)
+    s.objects.update(new)
+    return True
 
 
 class _Connection:

@@ -74,3 +74,48 @@ def test_the_schema_setting_is_the_dialects_default_schema(schema, expected):
     first = session.executed[0][0]
     assert first.startswith("ALTER SESSION SET NLS_DATE_FORMAT"), "the session is set up before anything else"
     driver.dispose()
+
+
+# -- a half-applied migration -------------------------------------------------------------------
+V001_OBJECTS = {"TABLE:DMS_PRCREQ", "TABLE:DMS_JOBSCH", "TABLE:DMS_JOB", "TABLE:DMS_WORKER", "TABLE:DMS_LEADER",
+                "INDEX:DMS_PRCREQ_CLAIM_IX"}
+
+
+def _v003():
+    from worker.migrate import migrations_for
+    return next(m for m in migrations_for("oracle") if m.version == 3)
+
+
+@pytest.mark.parametrize("stop_at", ["ALTER TABLE dms_jobsch ADD CONSTRAINT dms_jobsch_misfire_ck",
+                                     "CREATE INDEX dms_prcreq_claim_ix", "DROP INDEX dms_prcreq_claim_ix"])
+def test_v003_stopped_half_way_applies_the_rest_when_run_again(stop_at):
+    """Oracle DDL commits as it goes: the first run keeps what it did before the failure."""
+    session = Session(objects=set(V001_OBJECTS), fail_on=stop_at, fail_once=True,
+                      error=ora_error("ORA-01652: unable to extend temp segment by 128 in tablespace TEMP"))
+    driver = simulated_driver(session)
+    script = _v003().sql
+    with driver.engine.connect() as conn:
+        with pytest.raises(sa.exc.DatabaseError, match="ORA-01652"):
+            driver.run_script(conn, script)
+        first = list(session.ddl)
+        assert first, "the first run applied its first steps before it failed"
+        driver.run_script(conn, script)
+    expected = {"COLUMN:DMS_WORKER.EXPIRES_AT", "COLUMN:DMS_LEADER.MODE", "COLUMN:DMS_JOBSCH.INVALID_REASON",
+                "CONSTRAINT:DMS_JOBSCH_SCHFLG_CK", "CONSTRAINT:DMS_JOBSCH_CURFLG_CK", "CONSTRAINT:DMS_JOBSCH_MISFIRE_CK",
+                "CONSTRAINT:DMS_JOBSCH_FRQCD_CK", "COLUMN:DMS_JOB.PAUSED", "CONSTRAINT:DMS_JOB_PAUSED_CK",
+                "COLUMN:DMS_PRCREQ.PRIORITY", "COLUMN:DMS_PRCREQ.UNIQUE_KEY", "INDEX:DMS_PRCREQ_UNIQUE_UQ",
+                "INDEX:DMS_PRCREQ_CLAIM_IX"}
+    assert expected <= session.objects
+    driver.dispose()
+
+
+def test_a_rerun_never_adopts_an_existing_table_or_hides_other_errors():
+    session = Session(objects={"TABLE:DMS_PRCREQ"})
+    driver = simulated_driver(session)
+    with driver.engine.connect() as conn:
+        with pytest.raises(sa.exc.DatabaseError, match="ORA-00955"):
+            driver.run_script(conn, "CREATE TABLE dms_prcreq (request_id VARCHAR2(64));")
+        session.fail_on, session.error = "ADD (priority", ora_error("ORA-00904: \"X\": invalid identifier")
+        with pytest.raises(sa.exc.DatabaseError, match="ORA-00904"):
+            driver.run_script(conn, "ALTER TABLE dms_prcreq ADD (priority NUMBER(10) DEFAULT 0 NOT NULL);")
+    driver.dispose()

@@ -140,6 +140,25 @@ def aq_supported(version: str | None = None, thin: bool | None = None) -> bool:
     return not thin or found >= AQ_MIN_ORACLEDB
 
 
+# (statement kind, errors meaning "this statement's effect is already there")
+_ALREADY_APPLIED = (
+    (re.compile(r"ALTER\s+TABLE\s+\S+\s+ADD\s+CONSTRAINT\b", re.I), {"ORA-02264", "ORA-02261", "ORA-02275"}),
+    (re.compile(r"ALTER\s+TABLE\s+\S+\s+ADD\b", re.I), {"ORA-01430"}),
+    (re.compile(r"ALTER\s+TABLE\s+\S+\s+MODIFY\b", re.I), {"ORA-01442", "ORA-01451"}),
+    (re.compile(r"CREATE\s+(UNIQUE\s+)?INDEX\b", re.I), {"ORA-00955", "ORA-01408"}),
+    (re.compile(r"DROP\s+INDEX\b", re.I), {"ORA-01418"}),
+)
+
+
+def already_applied(statement: str, exc: BaseException) -> bool:
+    """Whether ``exc`` says that ``statement`` (a migration step) had been applied before."""
+    code = _error_code(exc)
+    for kind, codes in _ALREADY_APPLIED:
+        if kind.match(statement.lstrip()):
+            return code in codes
+    return False
+
+
 def _error_code(exc: BaseException) -> str | None:
     orig = getattr(exc, "orig", exc)
     err = orig.args[0] if getattr(orig, "args", None) else None
@@ -355,9 +374,23 @@ class OracleDriver(SQLDriver):
         return tuple(None if out.get(k) is None else int(out[k]) for k in _COUNT_BINDS)
 
     def run_script(self, conn: Connection, script: str) -> None:
-        # DDL commits implicitly on Oracle: a failed script leaves its earlier statements applied.
+        """Run a migration statement by statement, resuming one that stopped half-way.
+
+        Oracle DDL commits as it goes, so a version that failed after some statements keeps
+        them, and is not recorded: the next ``migrate`` runs it again from the top. A statement
+        whose effect is already there fails with the error that says so (column, constraint or
+        index already exists; index already dropped): that is skipped, with a warning, and the
+        rest applies. ``CREATE TABLE`` is never skipped: an existing table of that name may be
+        someone else's (the seed application's), and adopting it silently would be worse.
+        """
         for statement in split_script(script):
-            conn.exec_driver_sql(statement)
+            try:
+                conn.exec_driver_sql(statement)
+            except sa.exc.DatabaseError as exc:
+                if not already_applied(statement, exc):
+                    raise
+                log.warning("migration step already applied (an earlier run stopped after it), skipped: %s (%s)",
+                            " ".join(statement.split())[:100], _error_code(exc))
 
     @contextlib.contextmanager
     def migration_lock(self, conn: Connection) -> Iterator[None]:
