@@ -51,6 +51,12 @@ class Session:
     fail_once: bool = False
     objects: set[str] = field(default_factory=set)     # TABLE:X, INDEX:X, COLUMN:T.C, CONSTRAINT:X
     ddl: list[str] = field(default_factory=list)        # DDL statements that took effect
+    # DML whose bound values include a value this returns a message for fails with that error,
+    # as the server refuses a row (e.g. ORA-01722 for text in a NUMBER column).
+    refuse: Any = None
+    # A query this returns (columns, rows) for gets them: answer(sql, binds) -> tuple | None.
+    answer: Any = None
+    savepoints: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.current_schema = self.user.upper()
@@ -89,7 +95,20 @@ class _Cursor:
         if _ddl(s, sql):
             s.ddl.append(sql)
             return self
+        self._refuse_rows(sql, [binds])
+        if m := re.match(r"\s*SAVEPOINT (\w+)", sql):
+            s.savepoints[m.group(1)] = len(s.pending)
+            return self
+        if m := re.match(r"\s*ROLLBACK TO SAVEPOINT (\w+)", sql):
+            del s.pending[s.savepoints.get(m.group(1), len(s.pending)):]
+            return self
         self.description, self._rows = None, []
+        answered = s.answer(sql, binds) if s.answer else None
+        if answered is not None:
+            columns, rows = answered
+            self.description = [(c, oracledb.DB_TYPE_VARCHAR, 128, 128, None, None, True) for c in columns]
+            self._rows = list(rows)
+            return self
         if m := re.search(r"CURRENT_SCHEMA\s*=\s*(\w+)", sql):
             s.current_schema = m.group(1).upper()
         if re.search(r"sys_context\(\s*'userenv',\s*'current_schema'\s*\)", sql, re.IGNORECASE):
@@ -97,11 +116,26 @@ class _Cursor:
         elif sql.startswith("SELECT 1.1 FROM DUAL"):        # the dialect's decimal-character probe
             self.description, self._rows = [_TEXT], [("1.1",)]
         elif re.match(r"\s*(BEGIN|INSERT|UPDATE|DELETE|MERGE)\b", sql, re.IGNORECASE) and "dbms_transaction" not in sql:
-            s.pending.append(sql)
+            s.pending.append(f"{sql} {sorted((k, v) for k, v in binds.items() if not isinstance(v, _Var))}")
             for value in binds.values():                     # a procedure sets its OUT binds
                 if isinstance(value, _Var):
                     value.value = "4"
         return self
+
+    def executemany(self, sql: str, seq: Any, **_kw: Any) -> None:
+        rows = [dict(b) for b in seq]
+        self.session.executed.append((sql, {"many": rows}))
+        self._refuse_rows(sql, rows)
+        self.session.pending.extend(f"{sql} {sorted(r.items())}" for r in rows)
+
+    def _refuse_rows(self, sql: str, rows: list[dict[str, Any]]) -> None:
+        if self.session.refuse is None or not re.match(r"\s*(INSERT|UPDATE)\b", sql, re.IGNORECASE):
+            return
+        for row in rows:
+            for value in row.values():
+                message = self.session.refuse(value)
+                if message:
+                    raise ora_error(message)
 
     def fetchone(self) -> tuple | None:
         return self._rows.pop(0) if self._rows else None
