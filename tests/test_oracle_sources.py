@@ -507,3 +507,13 @@ def test_split_leaves_out_sqlplus_commands_but_not_sql_that_starts_with_set():
     assert split_script(script) == ["SET TRANSACTION READ ONLY", "BEGIN\n  LOOP\n    EXIT;\n  END LOOP;\nEND;"]
     assert client_commands(script) == ["WHENEVER SQLERROR EXIT FAILURE", "SET SERVEROUTPUT ON", "PROMPT creating",
                                        "SHOW ERRORS"]
+
+
+def test_the_live_suites_own_plsql_parses():
+    """The live suite creates procedures on the server: a typo there would show only on a laptop."""
+    from tests.oracle_live.test_sql_handlers import PROCEDURES
+    units = split_script(PROCEDURES)
+    assert [kind(u) for u in units] == ["PROCEDURE", "PROCEDURE"]
+    for unit in units:
+        problems = sqlfluff_problems(unit, "create_procedure_statement")
+        assert problems == [], (unit[:60], problems)

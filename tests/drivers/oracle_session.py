@@ -57,6 +57,8 @@ class Session:
     # A query this returns (columns, rows) for gets them: answer(sql, binds) -> tuple | None.
     answer: Any = None
     savepoints: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, BaseException] = field(default_factory=dict)   # statement part -> error
+    aq_error: BaseException | None = None     # what a dequeue from Connection.queue() raises
 
     def __post_init__(self) -> None:
         self.current_schema = self.user.upper()
@@ -92,6 +94,15 @@ class _Cursor:
             if s.fail_once:
                 s.fail_on = None
             raise s.error
+        for part, error in s.failures.items():
+            if part in sql:
+                raise error
+        answered = s.answer(sql, binds) if s.answer else None
+        if answered is not None:
+            columns, rows = answered
+            self.description = [(c, oracledb.DB_TYPE_VARCHAR, 128, 128, None, None, True) for c in columns]
+            self._rows = list(rows)
+            return self
         if _ddl(s, sql):
             s.ddl.append(sql)
             return self
@@ -103,12 +114,6 @@ class _Cursor:
             del s.pending[s.savepoints.get(m.group(1), len(s.pending)):]
             return self
         self.description, self._rows = None, []
-        answered = s.answer(sql, binds) if s.answer else None
-        if answered is not None:
-            columns, rows = answered
-            self.description = [(c, oracledb.DB_TYPE_VARCHAR, 128, 128, None, None, True) for c in columns]
-            self._rows = list(rows)
-            return self
         if m := re.search(r"CURRENT_SCHEMA\s*=\s*(\w+)", sql):
             s.current_schema = m.group(1).upper()
         if re.search(r"sys_context\(\s*'userenv',\s*'current_schema'\s*\)", sql, re.IGNORECASE):
@@ -214,6 +219,9 @@ class _Connection:
     def cancel(self) -> None:
         pass
 
+    def queue(self, name: str) -> "_Queue":
+        return _Queue(self.session, name)
+
     def ping(self) -> None:
         pass
 
@@ -221,9 +229,23 @@ class _Connection:
         self.rollback()
 
 
+class _Queue:
+    def __init__(self, session: Session, name: str) -> None:
+        import types
+        self.session, self.name = session, name
+        self.deqoptions = types.SimpleNamespace(mode=None, wait=None, visibility=None)
+
+    def deqone(self) -> None:
+        self.session.executed.append((f"DEQUEUE {self.name} mode={self.deqoptions.mode}", {}))
+        if self.session.aq_error is not None:
+            raise self.session.aq_error
+        return None
+
+
 def simulated_driver(session: Session, schema: str | None = None) -> OracleDriver:
     """An OracleDriver whose pool opens simulated sessions (all sharing ``session``'s state)."""
     driver = OracleDriver(f"oracle+oracledb://{session.user.lower()}:secret@db.example:1521/?service_name=FREEPDB1",
                           schema=schema)
     driver.engine.pool._creator = lambda *_a: _Connection(session)
+    driver.connect_dedicated = lambda: _Connection(session)
     return driver

@@ -119,3 +119,21 @@ def test_a_rerun_never_adopts_an_existing_table_or_hides_other_errors():
         with pytest.raises(sa.exc.DatabaseError, match="ORA-00904"):
             driver.run_script(conn, "ALTER TABLE dms_prcreq ADD (priority NUMBER(10) DEFAULT 0 NOT NULL);")
     driver.dispose()
+
+
+def test_migrate_and_run_look_for_the_schema_version_in_the_schema_setting():
+    """What `migrate`, `run` (pending migrations) and doctor ask: is dms_schema_version there?"""
+    from worker.migrate import applied_versions
+    owners = []
+
+    def answer(sql, binds):
+        if "tables_and_views" in sql:
+            owners.append(binds.get("owner"))
+            return ["table_name"], []
+        return None
+
+    session = Session(user="DMS_WORKER", answer=answer)
+    driver = simulated_driver(session, schema="DMS")
+    assert applied_versions(driver) == {}
+    assert owners == ["DMS"], "looked in the login user's schema"
+    driver.dispose()
