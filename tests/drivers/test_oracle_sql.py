@@ -779,3 +779,9 @@ def test_aq_needs_python_oracledb_3_1_in_thin_mode():
     assert not aq_supported("3.0.1", thin=True) and not aq_supported("2.5.1", thin=True)
     assert aq_supported("3.1.0", thin=True) and aq_supported("26.1.0", thin=True)
     assert aq_supported("2.5.1", thin=False), "thick mode has had bulk dequeue all along"
+
+
+def test_history_days_done_never_counts_a_null_day(odriver, rec):
+    """'' is NULL on Oracle: a log row without a day is no day done."""
+    rec.mode("found")                                   # the stand-in answers param1 = NULL
+    assert odriver.history_days_done("r1") == set()

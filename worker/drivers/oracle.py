@@ -10,8 +10,14 @@ Everything Oracle-specific the worker does is here. What differs from the portab
 - The clock is ``SYS_EXTRACT_UTC(SYSTIMESTAMP)``; timestamp columns are TIMESTAMP in UTC.
 - Occurrence inserts treat ORA-00001 as "already there", row by row under a savepoint.
 - VARCHAR2 limits count bytes (the default NLS_LENGTH_SEMANTICS), so text is clipped by bytes.
-- Leadership by ``DBMS_LOCK.REQUEST`` on a dedicated connection, fenced by the lease epoch.
-- Wake-ups by the optional AQ queue (``sql/oracle/aq_wakeup.sql``); polling when it is absent.
+- Leadership by ``DBMS_LOCK.REQUEST`` on a dedicated connection, fenced by the lease epoch; the
+  lock ids are derived from the tables' schema; without EXECUTE on DBMS_LOCK, the lease row.
+- Wake-ups by the optional AQ queue (``sql/oracle/aq_wakeup.sql``); polling when it is absent,
+  when python-oracledb is too old for it, and (backing off) after the listener failed.
+- Every session starts with one ALTER SESSION (ISO NLS formats, CURRENT_SCHEMA), registered to
+  run before SQLAlchemy records the default schema.
+- ``sql:`` procedures run through SQLAlchemy (transaction, OUT binds, error text).
+- Migrations resume after a half-applied version (DDL commits as it goes).
 """
 from __future__ import annotations
 
