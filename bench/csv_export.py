@@ -47,6 +47,7 @@ def maxrss_kib() -> int:
 
 def child(cfg: dict) -> dict:
     """One measurement, in this (fresh) process."""
+    os.environ["DMS_FILE_ROOTS"] = cfg["dir"]          # file jobs write only below configured roots
     engine = sa.create_engine(cfg["url"])
     out = os.path.join(cfg["dir"], f"export_{cfg['rows']}_{cfg['batch_size']}.csv")
     with engine.connect() as conn:                      # connect (and load the driver) before the baseline

@@ -1,6 +1,7 @@
 -- Monitoring views of dms-worker for DBAs and dashboards. Run as the schema owner after the
 -- migrations (SQL*Plus/SQLcl; each statement ends with ';'). Grants: plsql/grants_app.sql.
 -- Timestamps in the tables are TIMESTAMP in UTC: ages are measured from SYS_EXTRACT_UTC(SYSTIMESTAMP).
+WHENEVER SQLERROR EXIT FAILURE
 
 -- Unfinished requests by status and type. Only the three unfinished statuses are read, so the
 -- query is an index range scan on DMS_PRCREQ(status, ...) however many finished rows there are.
@@ -67,3 +68,19 @@ SELECT CAST('DMS_PRCLOG' AS VARCHAR2(10))  AS source,
   FROM dms_prclog l
  WHERE l.status = 'FL'
    AND l.enddt >= SYS_EXTRACT_UTC(SYSTIMESTAMP) - INTERVAL '1' DAY;
+
+-- Current schedule rows the leader skips, and why (DMS_JOBSCH.invalid_reason, V003): written by
+-- the leader, cleared when the row becomes valid.
+CREATE OR REPLACE VIEW dms_v_invalid_schedules AS
+SELECT s.jobschid,
+       s.mapref,
+       s.frqcd,
+       s.frqdd,
+       s.frqhh,
+       s.frqmi,
+       s.cronexp,
+       s.schflg,
+       s.invalid_reason
+  FROM dms_jobsch s
+ WHERE s.curflg = 'Y'
+   AND s.invalid_reason IS NOT NULL;

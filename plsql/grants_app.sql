@@ -7,12 +7,14 @@
 -- Privileges granted through a role are not visible inside the grantee's own definer-rights
 -- PL/SQL: if the application calls DMS_API from a stored procedure of its own, grant
 -- EXECUTE ON dms_owner.dms_api to that user directly instead.
+WHENEVER SQLERROR EXIT FAILURE
 
 -- Monitoring: read the views, nothing else.
 CREATE ROLE dms_monitor_role;
 GRANT SELECT ON dms_owner.dms_v_queue_depth TO dms_monitor_role;
 GRANT SELECT ON dms_owner.dms_v_running TO dms_monitor_role;
 GRANT SELECT ON dms_owner.dms_v_failures_1d TO dms_monitor_role;
+GRANT SELECT ON dms_owner.dms_v_invalid_schedules TO dms_monitor_role;
 
 -- The web application: enqueue, stop, refresh through DMS_API, and read the views.
 CREATE ROLE dms_app_role;

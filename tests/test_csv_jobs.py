@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from datetime import date
 from pathlib import Path
 
@@ -22,6 +23,13 @@ from worker.jobs.context import JobCancelled, JobContext
 from tests.support import wait_until
 
 AS_OF = date(2026, 11, 1)
+
+
+@pytest.fixture(autouse=True)
+def file_roots(tmp_path, monkeypatch):
+    """File jobs are refused until DMS_FILE_ROOTS is set: these tests may use tmp_path."""
+    monkeypatch.setenv("DMS_FILE_ROOTS", str(tmp_path))
+    return tmp_path
 
 
 @pytest.fixture
@@ -182,7 +190,7 @@ def test_export_query_failing_midway_leaves_no_file(db, tmp_path):
     boom = "100 / (id - 5000)" if db.dialect == "postgresql" else "CASE WHEN id = 5000 THEN json('not json') ELSE id END"
     ctx = make_ctx(db, query=f"SELECT id, {boom} AS x FROM csv_src ORDER BY id", path=str(target), batch_size=1000)
     batches = count_batches(ctx)
-    with pytest.raises(sa.exc.DBAPIError):
+    with pytest.raises(csvjobs.JobDatabaseError, match=r"^export to .*: the query failed: "):
         run(csvjobs.export, ctx)
     assert batches[0] >= 1, "the error came after some batches had been written"
     assert target.read_text() == "old contents\n"
@@ -212,9 +220,13 @@ def test_incremental_export_keeps_a_watermark_across_runs(db, tmp_path):
         "id,updated_at", "2,2026-01-01T10:30:00", "6,2026-01-01T11:00:06", "7,2026-01-01T11:00:07"]
     assert stored() == "2026-01-01T11:00:07"
 
-    third = run(csvjobs.export, make_ctx(db, prcid=3, **opts))          # nothing new: watermark kept
-    assert third["rows"] == 0 and third["watermark"] == "2026-01-01T11:00:07" == stored()
-    assert (tmp_path / "inc_3.csv").read_bytes() == b"id,updated_at\r\n"
+    third_ctx = make_ctx(db, prcid=3, **opts)                          # nothing new: no file, 0 rows
+    third = run(csvjobs.export, third_ctx)
+    assert third == {"path": None, "rows": 0, "watermark": "2026-01-01T11:00:07"} and stored() == third["watermark"]
+    assert not (tmp_path / "inc_3.csv").exists()
+    assert (third_ctx.srcrows, third_ctx.trgrows) == (0, 0), "DMS_JOBLOG records 0 rows, not NULL"
+    kept = run(csvjobs.export, make_ctx(db, prcid=33, **dict(opts, empty_file=True)))   # the old behaviour, asked for
+    assert kept["rows"] == 0 and (tmp_path / "inc_33.csv").read_bytes() == b"id,updated_at\r\n"
 
     with pytest.raises(ValueError, match="incremental column 'nope' is not in the query's result"):
         run(csvjobs.export, make_ctx(db, prcid=4, **dict(opts, incremental="nope")))
@@ -355,9 +367,9 @@ def test_load_bad_file_or_header_raises_a_clear_value_error(db, tmp_path, conten
 def test_other_database_through_a_url_or_an_environment_variable(db, tmp_path, monkeypatch):
     fill_source(db, 3)
     db.create("csv_tgt2", "(id INTEGER PRIMARY KEY, name VARCHAR(40), qty INTEGER, created TIMESTAMP, note VARCHAR(40))")
-    monkeypatch.setenv("CSV_TEST_SOURCE", db.url)
+    monkeypatch.setenv("DMS_CONN_CSV_TEST_SOURCE", db.url)
     out = tmp_path / "src.csv"
-    run(csvjobs.export, make_ctx(db, connection="env:CSV_TEST_SOURCE", path=str(out),
+    run(csvjobs.export, make_ctx(db, connection="env:DMS_CONN_CSV_TEST_SOURCE", path=str(out),
                                  query="SELECT id, name, qty, created, note FROM csv_src ORDER BY id"))
     assert out.read_bytes() == expected_csv([1, 2, 3]).encode()
     ctx = make_ctx(db, connection=db.url, path=str(out), table="csv_tgt2")
@@ -387,7 +399,7 @@ def test_import_through_a_replica_records_rejects_and_counts(db, tmp_path, repli
                 conn.execute(sa.text("UPDATE dms_job SET params = :json WHERE mapref = :m"),
                              {"json": json.dumps(dict(options, max_rejects=0, overridable=["max_rejects"])),
                               "m": "CSV_IMPORT"})
-        (r,) = replicas(1, DMS_HEARTBEAT_INTERVAL="0.5", SCHEDULER_POLL_INTERVAL="0.5")
+        (r,) = replicas(1, DMS_HEARTBEAT_INTERVAL="0.5", SCHEDULER_POLL_INTERVAL="0.5", DMS_FILE_ROOTS=str(tmp_path))
         rid = client.enqueue(engine, "CSV_IMPORT", payload=options if where == "payload" else {"max_rejects": 5})
         final = wait_until(lambda: (client.request_status(engine, rid)["status"] in s.TERMINAL_STATUSES
                                     and client.request_status(engine, rid)), 60, "the import to end")
@@ -414,3 +426,159 @@ def test_import_through_a_replica_records_rejects_and_counts(db, tmp_path, repli
     assert tuple(log) == (6, 3, 3)
     assert ids == [1, 3, 5]
     r.alive_or_fail()
+
+
+# ---------------------------------------------------------------------------------------------
+# the trust boundary (issue 10, item 1): files only below DMS_FILE_ROOTS, no secrets echoed
+# ---------------------------------------------------------------------------------------------
+SECRET = "hunter2-s3cret"
+
+
+@pytest.fixture
+def outside(tmp_path_factory):
+    """A directory outside DMS_FILE_ROOTS holding what an attacker would want: a .env file."""
+    d = tmp_path_factory.mktemp("outside")
+    (d / ".env").write_text(f"DB_PASSWORD={SECRET}\nDMS_DATABASE_URL=postgresql://u:{SECRET}@h/db\n")
+    return d
+
+
+def test_file_jobs_are_refused_until_roots_are_configured(db, tmp_path, monkeypatch):
+    monkeypatch.delenv("DMS_FILE_ROOTS")
+    fill_source(db, 2)
+    with pytest.raises(ValueError, match="file jobs are refused until DMS_FILE_ROOTS names the directories"):
+        run(csvjobs.export, make_ctx(db, query="SELECT id FROM csv_src", path=str(tmp_path / "x.csv")))
+    with pytest.raises(ValueError, match="file jobs are refused until DMS_FILE_ROOTS"):
+        run(csvjobs.load, make_ctx(db, path=str(tmp_path / "x.csv"), table="csv_src"))
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlinked file", "symlinked directory"])
+def test_paths_are_confined_to_the_roots_after_resolving_dotdot_and_symlinks(db, tmp_path, outside, how):
+    db.create("csv_tgt", TGT_PG, TGT_SQLITE)
+    fill_source(db, 2)
+    root = tmp_path
+    (root / "in").mkdir()
+    if how == "absolute":
+        read, write = outside / ".env", outside / "written.csv"
+    elif how == "dotdot":
+        read = root / "in" / ".." / ".." / outside.name / ".env"
+        write = root / "in" / ".." / ".." / outside.name / "written.csv"
+        assert os.path.realpath(read) == str(outside / ".env")
+    elif how == "symlinked file":
+        (root / "in" / "link.csv").symlink_to(outside / ".env")
+        (root / "in" / "out.csv").symlink_to(outside / "written.csv")
+        read, write = root / "in" / "link.csv", root / "in" / "out.csv"
+    else:
+        (root / "in" / "elsewhere").symlink_to(outside, target_is_directory=True)
+        read, write = root / "in" / "elsewhere" / ".env", root / "in" / "elsewhere" / "written.csv"
+    with pytest.raises(ValueError, match="the path is outside DMS_FILE_ROOTS") as info:
+        run(csvjobs.load, make_ctx(db, path=str(read), table="csv_tgt"))
+    assert SECRET not in str(info.value)
+    with pytest.raises(ValueError, match="the path is outside DMS_FILE_ROOTS"):
+        run(csvjobs.export, make_ctx(db, query="SELECT id FROM csv_src", path=str(write)))
+    assert sorted(p.name for p in outside.iterdir()) == [".env"], "nothing written outside the roots"
+    assert load_rows(db) == []
+
+
+def test_a_symlink_planted_at_the_temporary_name_is_not_followed(db, tmp_path, outside):
+    fill_source(db, 3)
+    victim = outside / "victim.txt"
+    victim.write_text("untouched\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".x.csv.9.tmp").symlink_to(victim)          # where export 9 writes first
+    result = run(csvjobs.export, make_ctx(db, prcid=9, query="SELECT id FROM csv_src ORDER BY id",
+                                          path=str(tmp_path / "out" / "x.csv")))
+    assert result["rows"] == 3 and victim.read_text() == "untouched\n"
+    assert (tmp_path / "out" / "x.csv").read_text().splitlines() == ["id", "1", "2", "3"]
+    assert not (tmp_path / "out" / ".x.csv.9.tmp").exists()
+
+
+def test_a_header_that_is_not_an_identifier_is_not_echoed(db, tmp_path):
+    db.create("csv_tgt", TGT_PG, TGT_SQLITE)
+    env_like = tmp_path / "settings.csv"                  # a secrets file inside the roots
+    env_like.write_text(f"DB_PASSWORD={SECRET}\nDB_USER=app\n")
+    with pytest.raises(ValueError) as info:
+        run(csvjobs.load, make_ctx(db, path=str(env_like), table="csv_tgt"))
+    assert SECRET not in str(info.value) and "#1 (not an identifier)" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        run(csvjobs.load, make_ctx(db, path=str(env_like), table="csv_tgt", columns={"id": "id"}))
+    assert SECRET not in str(info.value) and "header lacks mapped column(s) id" in str(info.value)
+    ok_header = tmp_path / "named.csv"
+    ok_header.write_text("id,colour\n1,red\n")
+    with pytest.raises(ValueError, match=r"header column\(s\) colour not in table csv_tgt"):
+        run(csvjobs.load, make_ctx(db, path=str(ok_header), table="csv_tgt"))
+
+
+def test_rejected_rows_and_failed_queries_do_not_quote_cell_values(db, tmp_path):
+    db.create("csv_tgt", TGT_PG, TGT_SQLITE)
+    path = tmp_path / "in.csv"
+    path.write_text(f"id,code,qty,day\n1,A,{SECRET},2026-01-01\n2,B,{SECRET},2026-13-45\n3,C,3,2026-01-03\n")
+    ctx = make_ctx(db, path=str(path), table="csv_tgt", key=["id"], max_rejects=10)
+    assert run(csvjobs.load, ctx)["rows"] == 1
+    assert [r[0] for r in ctx.rejects] == ["1", "2"]
+    for _key, errmsg, dberrmsg in ctx.rejects:
+        assert SECRET not in errmsg and SECRET not in (dberrmsg or "")
+        assert "\n" not in errmsg and "\n" not in (dberrmsg or "")
+    if db.dialect == "postgresql":
+        assert ctx.rejects[0][2] == 'invalid input syntax for type integer: "…"'
+    # An export whose query fails on a value: the message names the failure, not the value.
+    db.execute("INSERT INTO csv_tgt (id, code, qty) VALUES (9, :v, 1)", {"v": SECRET[:5]})
+    cast = "CAST(code AS INTEGER)" if db.dialect == "postgresql" else "json(code)"
+    with pytest.raises(csvjobs.JobDatabaseError) as info:
+        run(csvjobs.export, make_ctx(db, query=f"SELECT {cast} FROM csv_tgt", path=str(tmp_path / "o.csv")))
+    assert SECRET[:5] not in str(info.value) and SECRET[:5] not in str(info.value.orig)
+
+
+def test_the_database_message_keeps_object_names_and_hides_data():
+    class E(Exception):
+        pass
+    cases = {
+        'null value in column "qty" of relation "csv_tgt" violates not-null constraint\nDETAIL:  Failing row contains (7, x).':
+            'null value in column "qty" of relation "csv_tgt" violates not-null constraint',
+        'duplicate key value violates unique constraint "csv_tgt_pkey"\nDETAIL:  Key (id)=(1) already exists.':
+            'duplicate key value violates unique constraint "csv_tgt_pkey"',
+        'value "99999999999" is out of range for type integer': 'value "…" is out of range for type integer',
+        'ORA-12899: value too large for column "DMS"."CSV_TGT"."CODE" (actual: 7, maximum: 5)\nHelp: https://x':
+            'ORA-12899: value too large for column "DMS"."CSV_TGT"."CODE" (actual: 7, maximum: 5)',
+        "ORA-01722: unable to convert string value containing 'p4ss' to a number: \"DMS\".\"T\".\"QTY\"":
+            "ORA-01722: unable to convert string value containing '…' to a number: \"…\".\"T\".\"QTY\"",
+        'ORA-01400: cannot insert NULL into ("DMS"."CSV_TGT"."QTY")': 'ORA-01400: cannot insert NULL into ("DMS"."CSV_TGT"."QTY")',
+    }
+    for raw, expected in cases.items():
+        assert csvjobs.safe_db_message(E(raw)) == expected
+
+
+def test_connection_env_reads_only_dms_conn_variables(db, tmp_path, monkeypatch):
+    fill_source(db, 1)
+    monkeypatch.setenv("DMS_DATABASE_URL", db.url)
+    monkeypatch.setenv("DB_PASSWORD", SECRET)
+    for var in ("DMS_DATABASE_URL", "DB_PASSWORD", "HOME", "DMS_CONN_"):
+        with pytest.raises(ValueError, match=r"env: may only name a DMS_CONN_\* variable") as info:
+            run(csvjobs.export, make_ctx(db, connection=f"env:{var}", query="SELECT id FROM csv_src",
+                                         path=str(tmp_path / "x.csv")))
+        assert SECRET not in str(info.value)
+    with pytest.raises(ValueError, match="environment variable DMS_CONN_MISSING is not set"):
+        run(csvjobs.export, make_ctx(db, connection="env:DMS_CONN_MISSING", query="SELECT 1", path=str(tmp_path / "x.csv")))
+    for bad in (f"postgresql://user:{SECRET}@", f"nosuchdb+driver://u:{SECRET}@h/d", f"::{SECRET}::"):
+        with pytest.raises((ValueError, csvjobs.JobDatabaseError), match="option 'connection'") as info:
+            run(csvjobs.export, make_ctx(db, connection=bad, query="SELECT 1", path=str(tmp_path / "x.csv")))
+        assert SECRET not in str(info.value)
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_a_sqlite_connection_is_a_file_and_is_confined_too(db, tmp_path, outside):
+    with pytest.raises(ValueError, match="option 'connection': the path is outside DMS_FILE_ROOTS"):
+        run(csvjobs.export, make_ctx(db, connection=f"sqlite:///{outside / 'new.db'}", query="SELECT 1 AS x",
+                                     path=str(tmp_path / "x.csv")))
+    assert not (outside / "new.db").exists(), "SQLite would have created the file"
+
+
+def test_a_load_the_database_refuses_as_a_whole_does_not_quote_the_rows(db, tmp_path, monkeypatch):
+    """Not a row error (here the table vanished after its columns were read): SQLAlchemy's own
+    message would list the bound rows, i.e. the file's content."""
+    monkeypatch.setattr(csvjobs, "_reflect", lambda *_a: {"id": sa.Integer(), "code": sa.String()})
+    path = tmp_path / "in.csv"
+    path.write_text(f"id,code\n1,{SECRET}\n")
+    with pytest.raises(csvjobs.JobDatabaseError, match=r"the database refused the load: ") as info:
+        run(csvjobs.load, make_ctx(db, path=str(path), table="csv_gone"))
+    assert SECRET not in str(info.value) and SECRET not in str(info.value.orig)

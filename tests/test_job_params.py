@@ -115,7 +115,7 @@ def test_stop_and_timeout_during_a_long_export(pg_url, tmp_path, how):
     client.register_job(engine, "SLOW_EXPORT", "worker.jobs.csv:export", timeout_s=3 if how == "timeout" else None,
                         params={"query": "SELECT g, pg_sleep(0.005) AS s FROM generate_series(1, 100000) g",
                                 "path": str(target), "batch_size": 50})
-    r = Replica(pg_url, f"exp{how}", tmp_path, **FAST).start()
+    r = Replica(pg_url, f"exp{how}", tmp_path, DMS_FILE_ROOTS=str(tmp_path), **FAST).start()
     try:
         r.wait_registered(engine)
         rid = client.enqueue(engine, "SLOW_EXPORT")

@@ -20,7 +20,7 @@ import sqlglot
 from sqlfluff.core import FluffConfig, Linter
 from sqlglot import ErrorLevel, exp
 
-from worker.drivers.oracle_script import split_script
+from worker.drivers.oracle_script import client_commands, split_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,17 +38,17 @@ DOC = REPO / "docs" / "oracle.md"
 OUR_FILES = [PKS, PKB, VIEWS, GRANTS_APP, ROLES, AQ, AQ_DROP, CONTAINER_INIT]
 ALL_FILES = MIGRATIONS + OUR_FILES
 
-VIEW_NAMES = ["DMS_V_QUEUE_DEPTH", "DMS_V_RUNNING", "DMS_V_FAILURES_1D"]
+VIEW_NAMES = ["DMS_V_QUEUE_DEPTH", "DMS_V_RUNNING", "DMS_V_FAILURES_1D", "DMS_V_INVALID_SCHEDULES"]
 API_SUBPROGRAMS = ["ENQUEUE_IMMEDIATE", "ENQUEUE_HISTORY", "REQUEST_STOP", "REQUEST_STOP_MAPREF",
                    "REFRESH_SCHEDULES"]
 WAKEUP_WHEN = "WHEN (new.status = 'NEW' AND old.status <> 'NEW')"
 
 # What each file splits into, in order.
 EXPECTED_KINDS = {
-    PKS: ["PACKAGE"],
-    PKB: ["PACKAGE BODY"],
-    VIEWS: ["CREATE VIEW"] * 3,
-    GRANTS_APP: ["CREATE ROLE", "GRANT", "GRANT", "GRANT", "CREATE ROLE", "GRANT", "GRANT", "GRANT", "GRANT"],
+    PKS: ["PACKAGE", "BLOCK"],
+    PKB: ["PACKAGE BODY", "BLOCK"],
+    VIEWS: ["CREATE VIEW"] * 4,
+    GRANTS_APP: ["CREATE ROLE"] + ["GRANT"] * 4 + ["CREATE ROLE", "GRANT", "GRANT", "GRANT", "GRANT"],
     ROLES: ["CREATE USER"] + ["GRANT"] * 12,
     AQ: ["BLOCK", "BLOCK", "BLOCK", "PACKAGE", "PACKAGE BODY", "TRIGGER", "TRIGGER", "BLOCK", "BLOCK"],
     AQ_DROP: ["BLOCK"] * 5,
@@ -348,13 +348,14 @@ def test_api_inserts_only_what_a_plain_client_inserts():
     code = strip_comments(PKB.read_text())
     inserts = re.findall(r"INSERT\s+INTO\s+(\w+)\s*\(([^)]*)\)", code, re.IGNORECASE)
     assert [(t.lower(), " ".join(c.split())) for t, c in inserts] == [
-        ("dms_prcreq", "request_id, mapref, request_type, payload")]
+        ("dms_prcreq", "request_id, mapref, request_type, payload, priority, unique_key")]
     for rtype in ("'IMMEDIATE'", "'HISTORY'", "'STOP'", "'REFRESH_SCHEDULE'"):
         assert rtype in code
     for field in ("'start_date'", "'end_date'", "'request_id'", "'YYYY-MM-DD'"):
         assert field in code
     errors = {int(n) for n in re.findall(r"CONSTANT\s+PLS_INTEGER\s*:=\s*(-\d+)", PKS.read_text())}
     assert errors and all(-20999 <= n <= -20001 for n in errors)
+    assert len(errors) == 7
 
 
 def test_aq_wakeup_package_spec_and_body_agree():
@@ -443,3 +444,76 @@ def test_container_init_grants_the_owner_what_it_needs_and_no_alter_system():
                   "EXECUTE ON SYS.DBMS_AQ TO DMS", "EXECUTE ON SYS.DBMS_AQADM TO DMS"):
         assert grant in text
     assert "ALTER SYSTEM" not in text
+
+
+# -- SQL*Plus stops on the first error; byte limits; strict JSON ----------------------------------
+
+SQLPLUS_SCRIPTS = OUR_FILES   # every script a person runs with SQL*Plus/SQLcl
+
+
+@pytest.mark.parametrize("path", SQLPLUS_SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_script_stops_on_its_first_error_under_sqlplus(path):
+    """SQL*Plus carries on past a failed statement unless told otherwise."""
+    commands = client_commands(path.read_text())
+    assert commands and commands[0].upper() == "WHENEVER SQLERROR EXIT FAILURE", commands
+    first_statement = statements(path)[0]
+    text = path.read_text()
+    assert text.index("WHENEVER SQLERROR EXIT FAILURE") < text.index(first_statement.splitlines()[0])
+
+
+def test_migrations_hold_no_sqlplus_commands():
+    """`dms-worker migrate` skips them, but Flyway Community refuses SQL*Plus commands."""
+    for path in MIGRATIONS:
+        assert client_commands(path.read_text()) == [], path.name
+
+
+@pytest.mark.parametrize("path, name, kind_", [(PKS, "DMS_API", "PACKAGE"), (PKB, "DMS_API", "PACKAGE BODY")],
+                         ids=["pks", "pkb"])
+def test_package_compilation_errors_stop_the_script(path, name, kind_):
+    """A unit that compiles with errors is only a warning in SQL*Plus: the block after it raises."""
+    unit, check = statements(path)
+    assert kind(check) == "BLOCK"
+    assert f"FROM user_errors WHERE name = '{name}' AND type = '{kind_}'" in check
+    assert "raise_application_error(" in check
+
+
+def test_the_api_checks_lengths_in_bytes_and_json_in_strict_syntax():
+    body = strip_comments(PKB.read_text())
+    assert not re.search(r"(?<![A-Z_])LENGTH\(", body, re.IGNORECASE), "VARCHAR2 limits are bytes: LENGTHB"
+    assert body.count("LENGTHB(") >= 3
+    dynamic = re.findall(r"EXECUTE IMMEDIATE '([^']*)'", body)
+    assert dynamic == ["SELECT COUNT(*) FROM dual WHERE :p IS JSON STRICT"]
+    # Neither parser knows the STRICT keyword: the rest of the query must parse.
+    sqlglot_check(dynamic[0].replace(" STRICT", ""))
+
+
+def test_the_aq_script_grants_dequeue_only_to_a_user_that_exists():
+    block = next(s for s in statements(AQ) if "GRANT_QUEUE_PRIVILEGE" in s)
+    assert "FROM all_users WHERE username = c_grantee" in block
+    assert re.search(r"IF l_users = 0 THEN\s+DBMS_OUTPUT\.PUT_LINE", block)
+    assert "SET SERVEROUTPUT ON" in client_commands(AQ.read_text())
+
+
+def test_the_runtime_role_script_is_run_as_sys_and_names_the_v003_column():
+    header = ROLES.read_text().split("WHENEVER", 1)[0]
+    assert "Run as SYS in the pluggable database" in header and "SYSTEM" in header
+    assert re.search(r"GRANT SELECT, UPDATE \(lst_run_dt, nxt_run_dt, invalid_reason\) ON dms_owner\.dms_jobsch",
+                     ROLES.read_text())
+
+
+def test_split_leaves_out_sqlplus_commands_but_not_sql_that_starts_with_set():
+    script = ("WHENEVER SQLERROR EXIT FAILURE\nSET SERVEROUTPUT ON\nPROMPT creating\n"
+              "SET TRANSACTION READ ONLY;\nBEGIN\n  LOOP\n    EXIT;\n  END LOOP;\nEND;\n/\nSHOW ERRORS\n")
+    assert split_script(script) == ["SET TRANSACTION READ ONLY", "BEGIN\n  LOOP\n    EXIT;\n  END LOOP;\nEND;"]
+    assert client_commands(script) == ["WHENEVER SQLERROR EXIT FAILURE", "SET SERVEROUTPUT ON", "PROMPT creating",
+                                       "SHOW ERRORS"]
+
+
+def test_the_live_suites_own_plsql_parses():
+    """The live suite creates procedures on the server: a typo there would show only on a laptop."""
+    from tests.oracle_live.test_sql_handlers import PROCEDURES
+    units = split_script(PROCEDURES)
+    assert [kind(u) for u in units] == ["PROCEDURE", "PROCEDURE"]
+    for unit in units:
+        problems = sqlfluff_problems(unit, "create_procedure_statement")
+        assert problems == [], (unit[:60], problems)

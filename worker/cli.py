@@ -213,6 +213,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_config(args), replicas=args.replicas, requests=args.requests)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor
+    return doctor(_config(args), as_json=args.json)
+
+
 def cmd_schedule_preview(args: argparse.Namespace) -> int:
     from .schedule import preview
     return preview.run(args, now=datetime.now(timezone.utc))
@@ -283,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "Show it working: migrate, start replicas, run requests, print the logs.")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--requests", type=int, default=30)
+
+    p = add("doctor", cmd_doctor, "Check everything a replica needs from the configured database (connectivity, "
+            "migrations, privileges, locks, wake-up, file roots); exit 1 if something required is missing.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     sched = sub.add_parser("schedule", help="Schedule tools.", description="Schedule tools.")
     sched_sub = sched.add_subparsers(dest="schedule_command", required=True, metavar="COMMAND")

@@ -18,6 +18,10 @@ from dotenv import dotenv_values
 
 DEFAULT_SQLITE_FILE = "dms-worker.db"
 SQLITE_POLL_INTERVAL = 1.0
+# Built-in file jobs (worker.jobs.csv) read and write only below these directories.
+FILE_ROOTS_VAR = "DMS_FILE_ROOTS"
+# `connection: env:NAME` in a file job's params may name only variables with this prefix.
+CONNECTION_PREFIX = "DMS_CONN_"
 
 
 class ConfigError(ValueError):
@@ -48,6 +52,10 @@ class Config:
     log_file: str | None = None
     log_json: bool = False
     worker_name: str | None = None
+    # DMS_FILE_ROOTS: directories the built-in file jobs may use (empty: file jobs refused).
+    file_roots: tuple[str, ...] = ()
+    # DMS_CONN_* variables: database URLs file jobs may name as `connection: env:DMS_CONN_X`.
+    connections: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +100,7 @@ class Config:
             raw = env.get(var)
             if raw is not None and raw.strip() != "":
                 values[name] = _parse(var, raw.strip(), parse)
+        values["connections"] = {k: v.strip() for k, v in env.items() if k.startswith(CONNECTION_PREFIX) and v.strip()}
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "poll_interval" not in values and str(values["database_url"]).startswith("sqlite"):
             # SQLite has no wake-up channel (a web app's INSERT can tell no one): poll often.
@@ -152,6 +161,13 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _directories(raw: str) -> tuple[str, ...]:
+    roots = tuple(part.strip() for part in raw.split(os.pathsep) if part.strip())
+    if not roots or not all(os.path.isabs(r) for r in roots):
+        raise ValueError(f"must be absolute directory paths separated by {os.pathsep!r}")
+    return roots
+
+
 def _level(raw: str) -> str:
     if raw.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
@@ -180,6 +196,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "DMS_LOG_FILE": ("log_file", str),
     "DMS_LOG_JSON": ("log_json", _bool),
     "DMS_WORKER_NAME": ("worker_name", str),
+    FILE_ROOTS_VAR: ("file_roots", _directories),
 }
 
 # Config field -> the variable users set, so errors raised by validation name the variable.

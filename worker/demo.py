@@ -36,14 +36,23 @@ EMPLOYEES_CSV = """emp_no,full_name,hired_on
 """
 
 
+# The demo's own table, created with SQLAlchemy: CREATE TABLE IF NOT EXISTS is not Oracle
+# before 23ai, and checkfirst works on every database.
+DEMO_EMPLOYEE = sa.Table(
+    "demo_employee", sa.MetaData(),
+    sa.Column("emp_no", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("full_name", sa.String(100), nullable=False),
+    sa.Column("hired_on", sa.Date),
+)
+
+
 def _csv_jobs(eng: sa.engine.Engine, folder: Path) -> None:
     """An import with bad rows and an export of what was loaded: the built-in CSV handlers."""
     folder.mkdir(exist_ok=True)
     (folder / "employees.csv").write_text(EMPLOYEES_CSV)
     with eng.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE IF NOT EXISTS demo_employee (emp_no INTEGER PRIMARY KEY, "
-                             "full_name VARCHAR(100) NOT NULL, hired_on DATE)"))
-        conn.execute(sa.text("DELETE FROM demo_employee"))
+        DEMO_EMPLOYEE.create(conn, checkfirst=True)
+        conn.execute(sa.delete(DEMO_EMPLOYEE))
     client.register_job(eng, "DEMO_IMPORT", "worker.jobs.csv:load", description="employees.csv -> demo_employee",
                         params={"path": str(folder / "employees.csv"), "table": "demo_employee",
                                 "key": ["emp_no"], "max_rejects": 5})
@@ -65,8 +74,9 @@ def run_demo(cfg: Config, replicas: int = 2, requests: int = 30) -> int:
     client.register_job(eng, "DEMO_FAIL", "worker.jobs.builtin:fail", max_attempts=2, retry_delay_s=1,
                         description="always fails; retried once after 1 s")
     print(f"database: {cfg.safe_url}; starting {replicas} replicas")
+    # DMS_FILE_ROOTS: file jobs may use only the demo's folder (they are refused until it is set).
     env = dict(os.environ, DMS_DATABASE_URL=cfg.database_url, DMS_METRICS_PORT="0", SCHEDULER_POLL_INTERVAL="0.5",
-               SCHEDULER_MAX_WORKERS="2", DMS_LOG_LEVEL="WARNING")
+               SCHEDULER_MAX_WORKERS="2", DMS_LOG_LEVEL="WARNING", DMS_FILE_ROOTS=str(csv_folder))
     procs = [subprocess.Popen([sys.executable, "-m", "worker", "run", "--name", f"demo{i}"], env=env)
              for i in range(replicas)]
     ids: list[str] = []

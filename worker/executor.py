@@ -362,8 +362,11 @@ def _execute(task: Task, driver: Any, state: _ChildState, config: ChildConfig,
             if refusal is not None:
                 raise refusal
             args = [task.prcid] + [task.params.get(f"param{i}") for i in range(1, 11)]
+            # A procedure gets truncate_flag only when its job opts in (DMS_JOB.params.truncate_arg):
+            # procedures written for (prcid, param1..param10) keep working.
+            truncate = ("Y" if task.params.get("truncate_flag") else "N") if task.payload.get("truncate_arg") else None
             counts = driver.procedure_call(ctx.connection, task.handler[4:], args,
-                                           counts=bool(task.payload.get("counts")))
+                                           counts=bool(task.payload.get("counts")), truncate_flag=truncate)
             if counts is not None:
                 src, trg, err = counts
                 ctx.report(src=src, trg=trg, err=err)

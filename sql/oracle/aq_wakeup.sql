@@ -3,8 +3,9 @@
 -- Remove everything with sql/oracle/aq_wakeup_drop.sql. Background and costs: docs/oracle.md.
 --
 -- Placeholder: DMS_WORKER below is the runtime user the replicas connect as (sql/roles/oracle.sql);
--- replace it if yours has another name. When the replicas connect as the owner itself, the
--- GRANT_QUEUE_PRIVILEGE block is harmless and may be left out.
+-- replace it if yours has another name. When no such user exists (the replicas connect as the
+-- owner itself, or the runtime user is created later), the grant is skipped with a message;
+-- run this script again after creating the user.
 --
 -- The owner needs EXECUTE ON SYS.DBMS_AQ and EXECUTE ON SYS.DBMS_AQADM granted DIRECTLY (not
 -- through a role: the package and triggers below are definer-rights PL/SQL, which ignores roles),
@@ -23,6 +24,8 @@
 -- enqueued in the inserting transaction (visibility ON_COMMIT): it is delivered at commit, and a
 -- rolled-back INSERT wakes nobody. Replicas dequeue from DMS_WAKEUP_Q (SCHEMA.DMS_WAKEUP_Q when
 -- SCHEMA is set) with a waiting dequeue; without the queue they poll.
+WHENEVER SQLERROR EXIT FAILURE
+SET SERVEROUTPUT ON
 
 DECLARE
   e_queue_table_exists EXCEPTION;
@@ -146,12 +149,21 @@ BEGIN
 END;
 /
 
+DECLARE
+  c_grantee CONSTANT VARCHAR2(128) := 'DMS_WORKER';
+  l_users   PLS_INTEGER;
 BEGIN
-  DBMS_AQADM.GRANT_QUEUE_PRIVILEGE(
-    privilege    => 'DEQUEUE',
-    queue_name   => 'DMS_WAKEUP_Q',
-    grantee      => 'DMS_WORKER',
-    grant_option => FALSE);
+  SELECT COUNT(*) INTO l_users FROM all_users WHERE username = c_grantee;
+  IF l_users = 0 THEN
+    DBMS_OUTPUT.PUT_LINE('User ' || c_grantee || ' does not exist: DEQUEUE not granted. '
+      || 'Run this script again after creating it (sql/roles/oracle.sql).');
+  ELSE
+    DBMS_AQADM.GRANT_QUEUE_PRIVILEGE(
+      privilege    => 'DEQUEUE',
+      queue_name   => 'DMS_WAKEUP_Q',
+      grantee      => c_grantee,
+      grant_option => FALSE);
+  END IF;
 END;
 /
 

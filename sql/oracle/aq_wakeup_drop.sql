@@ -1,6 +1,7 @@
 -- Removes everything sql/oracle/aq_wakeup.sql created. Run as the schema owner (SQL*Plus/SQLcl).
 -- Triggers first, so that no INSERT into DMS_PRCREQ calls the package or the queue while they go.
 -- Safe to run when some or all of the objects are already gone. The replicas fall back to polling.
+WHENEVER SQLERROR EXIT FAILURE
 
 DECLARE
   e_no_trigger EXCEPTION;

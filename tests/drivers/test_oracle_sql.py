@@ -28,6 +28,7 @@ from worker.drivers.base import (ClaimParams, ExecutionAnnotate, ExecutionFinish
                                  StopParams,
                                  RequestResolve, WorkerInfo)
 from worker.drivers.oracle import OracleDriver
+from worker.jobs import state
 from worker.migrate import migrations_for
 
 ORACLE = OracleDialect_oracledb()
@@ -87,6 +88,7 @@ class Result:
     def __init__(self, names: list[str], found: bool) -> None:
         self.rows = [Row(names)] if found and names else []
         self.rowcount = 1 if found else 0
+        self.out_parameters = {"srcrows": 3, "trgrows": 2, "errrows": 1} if found else {}
 
     def all(self):
         return list(self.rows)
@@ -131,6 +133,10 @@ class Recorder:
         self.found = itertools.cycle([True])
         self.cursor_rows: list[tuple] = [("r1", "M", "IMMEDIATE"), ("r2", "M", "IMMEDIATE")]
         self.var_value = 0
+        self.current_schema = "DMS"
+        self.lock_ids: list[int] = []
+        self.raise_on: str | None = None      # raw statements containing this raise self.error
+        self.error: BaseException | None = None
 
     def mode(self, name: str) -> None:
         self.found = itertools.cycle({"found": [True], "empty": [False], "alternate": [False, True]}[name])
@@ -165,7 +171,18 @@ class Cursor:
 
     def execute(self, sql: str, binds: Any = None, **kw: Any) -> "Cursor":
         self.rec.raw(sql, dict(binds or {}, **kw), self)
-        self._rows = list(self.rec.cursor_rows) if "FOR UPDATE" in sql else [(5,)]
+        if "DBMS_LOCK." in sql:
+            self.rec.lock_ids.append(dict(binds or {}, **kw)["lock_id"])
+        if self.rec.raise_on and self.rec.raise_on in sql:
+            raise self.rec.error
+        if "FOR UPDATE" in sql:
+            self._rows = list(self.rec.cursor_rows)
+        elif "'CURRENT_SCHEMA'" in sql:
+            self._rows = [(self.rec.current_schema,)]
+        elif "'INSTANCE'" in sql:
+            self._rows = [(12, 2)]
+        else:
+            self._rows = [(5,)]
         return self
 
     def fetchmany(self, n: int) -> list[tuple]:
@@ -317,6 +334,12 @@ def _scenarios(d: OracleDriver, rec: Recorder) -> dict[str, Any]:
                 pass
             d.procedure_call(conn, "dms_etl.load_day", [7] + [None] * 10, counts=True)
             d.procedure_call(conn, "load_day", [7, "a"], counts=False)
+            d.procedure_call(conn, "load_day", [7] + [None] * 10, counts=True, truncate_flag="Y")
+
+    def job_state():
+        with d.engine.connect() as conn:
+            state.put(conn, "M", "watermark", "2026-01-01T00:00:00")
+            state.get(conn, "M", "watermark")
 
     return {
         "now": d.now,
@@ -347,7 +370,9 @@ def _scenarios(d: OracleDriver, rec: Recorder) -> dict[str, Any]:
         "leader_lock_free": lock(0),
         "leader_lock_held": lock(1),
         "listener": lambda: (lambda listener: listener and listener.close())(d.listener()),
-        "sessions": lambda: (d.session_id(DBAPIConn(rec)), d.session_terminate("12,34")),
+        "sessions": lambda: (d.session_id(DBAPIConn(rec)), d.session_terminate("12,34,@2")),
+        "session_setup": lambda: d._on_connect(DBAPIConn(rec)),
+        "job_state": job_state,
         "scripts": scripts,
     }
 
@@ -356,7 +381,7 @@ def _scenarios(d: OracleDriver, rec: Recorder) -> dict[str, Any]:
 def issued(odriver, rec) -> list[Issued]:
     for mode in ("found", "empty", "alternate"):
         for verb, run in _scenarios(odriver, rec).items():
-            rec.verb, odriver._aq_checked_at = verb, None
+            rec.verb, odriver._aq_next_try = verb, 0.0
             rec.mode(mode)
             try:
                 run()
@@ -430,7 +455,7 @@ def test_every_verb_of_the_interface_is_driven(odriver, rec, issued):
                "leader_lease_resign", "leader_lock_try", "leader_lock_held", "leader_lock_release",
                "listener", "session_id", "session_terminate", "session_cancel",
                "procedure_call", "run_script", "migration_lock", "is_transient", "clock", "begin", "dispose",
-               "connect_dedicated"}
+               "connect_dedicated", "session_setup_sql"}
     assert public - covered == set(), "a new driver verb: add it to the scenarios above"
 
 
@@ -563,14 +588,117 @@ def test_procedure_names_are_validated_and_counts_are_out_binds():
         procedure_sql("x; DROP TABLE dms_job", 1, False)
 
 
-def test_schema_setting_switches_the_current_schema_and_is_validated(rec):
+def test_schema_setting_switches_the_current_schema_sets_iso_formats_and_is_validated(rec):
+    from worker.config import ConfigError
     driver = OracleDriver("oracle+oracledb://u:p@h:1521/?service_name=S", schema="DMS_OWNER")
     cur = Cursor(rec)
     driver._on_connect(type("C", (), {"cursor": lambda self: cur})())
-    assert rec.issued[-1].sql == "ALTER SESSION SET CURRENT_SCHEMA = DMS_OWNER"
+    sql = rec.issued[-1].sql
+    assert sql.startswith("ALTER SESSION SET NLS_DATE_FORMAT = 'YYYY-MM-DD HH24:MI:SS' ")
+    assert "NLS_TIMESTAMP_FORMAT = 'YYYY-MM-DD HH24:MI:SS.FF6'" in sql and sql.endswith(" CURRENT_SCHEMA = DMS_OWNER")
+    from tests.test_oracle_sources import sqlfluff_problems
+    assert sqlfluff_problems(sql) == []
     driver.dispose()
-    with pytest.raises(ValueError):
-        OracleDriver("oracle+oracledb://u:p@h:1521/?service_name=S", schema="x; drop user y")
+    for bad in ("x; drop user y", "DMS.OTHER", '"dms"', "1DMS", ""):
+        with pytest.raises(ConfigError, match="SCHEMA="):
+            OracleDriver("oracle+oracledb://u:p@h:1521/?service_name=S", schema=bad)
+
+
+def test_lock_ids_are_derived_from_the_schema_and_stay_in_the_user_range():
+    from worker.drivers.oracle import LOCK_ID_MAX, lock_id
+    ids = {(schema, purpose): lock_id(schema, purpose) for schema in ("DMS", "DMS_TEST", "APP2")
+           for purpose in ("leader", "migration")}
+    assert len(set(ids.values())) == len(ids), "each schema and purpose has its own lock"
+    assert all(0 <= i <= LOCK_ID_MAX for i in ids.values())
+    assert lock_id("dms", "leader") == ids[("DMS", "leader")], "Oracle names are upper case"
+    assert lock_id("DMS", "leader") == 626290050, "stable across processes and releases"
+
+
+def test_the_leader_and_migration_locks_use_the_schemas_ids(odriver, rec):
+    from worker.drivers.oracle import lock_id
+    rec.mode("found")
+    for schema in ("DMS", "OTHER"):
+        rec.current_schema = schema
+        rec.issued.clear()
+        odriver._lock_id = None               # a driver works for one schema; this test, for two
+        odriver.leader_lock_try()
+        odriver.leader_lock_release()
+        with odriver.engine.connect() as conn, odriver.migration_lock(conn):
+            pass
+        requested = [i for i in rec.issued if "DBMS_LOCK.REQUEST" in i.sql]
+        released = [i for i in rec.issued if "DBMS_LOCK.RELEASE" in i.sql]
+        assert len(requested) == 2 and len(released) == 2
+        assert rec.lock_ids == [lock_id(schema, "leader"), lock_id(schema, "leader"),
+                                lock_id(schema, "migration"), lock_id(schema, "migration")]
+        rec.lock_ids.clear()
+
+
+def _pls00201():
+    import oracledb
+    from oracledb import errors
+    return oracledb.DatabaseError(errors._Error(
+        "ORA-06550: line 1, column 17:\nPLS-00201: identifier 'DBMS_LOCK' must be declared\n"
+        "ORA-06550: line 1, column 7:\nPL/SQL: Statement ignored", code=6550))
+
+
+def test_without_execute_on_dbms_lock_the_elector_says_why_once_and_leads_by_the_lease(odriver, rec, caplog):
+    from worker.services.leadership import Leadership
+    rec.mode("found")
+    rec.raise_on, rec.error = "DBMS_LOCK.REQUEST", _pls00201()
+    lead = Leadership(odriver, W, "lock", ttl_s=10, interval_s=1)
+    with caplog.at_level("ERROR", logger="worker.leadership"):
+        lead.tick(0.0)
+        assert lead.epoch == 1 and lead.mode == "lease"
+        lead.tick(1.0)
+        assert lead.leading(1.5), "renewed by the lease row, not by a lock session"
+        lead.step_down()
+        lead.tick(2.0)
+    requests = [i for i in rec.issued if "DBMS_LOCK.REQUEST" in i.sql]
+    assert len(requests) == 1, "asked once, not on every heartbeat"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "GRANT EXECUTE ON SYS.DBMS_LOCK TO dms" in errors[0] and "as SYS" in errors[0]
+    assert "PLS-00201" in errors[0] and "Help:" not in errors[0]
+    assert not odriver.is_transient(sa.exc.DatabaseError("BEGIN", {}, _pls00201()))
+
+
+def test_migrate_without_execute_on_dbms_lock_names_the_grant(odriver, rec):
+    rec.raise_on, rec.error = "DBMS_LOCK.REQUEST", _pls00201()
+    with pytest.raises(RuntimeError, match=r"as SYS in the PDB: GRANT EXECUTE ON SYS\.DBMS_LOCK TO dms"):
+        with odriver.engine.connect() as conn, odriver.migration_lock(conn):
+            pass
+
+
+def test_sessions_are_recorded_with_their_instance_for_rac(odriver, rec):
+    assert odriver.session_id(DBAPIConn(rec)) == "12,5,@2"
+    odriver.session_terminate("12,5,@2")
+    assert rec.issued[-1].sql == "ALTER SYSTEM KILL SESSION '12,5,@2' IMMEDIATE"
+    count = len(rec.issued)
+    odriver.session_terminate("12,5,@2' IMMEDIATE; --")
+    assert len(rec.issued) == count, "only SID,SERIAL#[,@INST_ID] reaches the statement"
+
+
+def test_an_empty_param_is_stored_as_null(odriver):
+    """Oracle stores '' as NULL: the driver says so itself rather than pretend otherwise."""
+    assert odriver._fit("", 250) is None
+
+
+def test_the_job_state_clock_is_utc(odriver, rec):
+    with odriver.engine.connect() as conn:
+        state.put(conn, "M", "k", "v")
+    writes = [i.sql for i in rec.issued if i.sql.startswith(("UPDATE dms_job_state", "INSERT INTO dms_job_state"))]
+    assert writes and all("SYS_EXTRACT_UTC(SYSTIMESTAMP)" in w and "CURRENT_TIMESTAMP" not in w for w in writes)
+
+
+def test_a_procedure_runs_through_sqlalchemy_with_out_binds_and_an_opt_in_truncate_flag(odriver, rec):
+    with odriver.engine.connect() as conn:
+        assert odriver.procedure_call(conn, "etl.load", [7, "2026-01-01"] + [None] * 9, counts=True,
+                                      truncate_flag="Y") == (3, 2, 1)
+        assert odriver.procedure_call(conn, "etl.load", [7] + [None] * 10) is None
+    calls = [i for i in rec.issued if i.sql.startswith("BEGIN etl.load(")]
+    assert [c.raw for c in calls] == [False, False], "not on a raw cursor: SQLAlchemy begins the transaction"
+    assert calls[0].sql == ("BEGIN etl.load(:a0, :a1, :a2, :a3, :a4, :a5, :a6, :a7, :a8, :a9, :a10, :a11, "
+                            ":srcrows, :trgrows, :errrows); END;")
+    assert calls[1].sql == "BEGIN etl.load(:a0, :a1, :a2, :a3, :a4, :a5, :a6, :a7, :a8, :a9, :a10); END;"
 
 
 def test_the_aq_listener_wakes_the_select_loop_and_reports_a_lost_connection(rec):
@@ -601,10 +729,67 @@ def test_without_the_aq_queue_the_driver_polls_and_asks_again_only_after_a_while
     assert odriver.listener() is None
     asked = len(rec.issued)
     assert odriver.listener() is None and len(rec.issued) == asked, "no query per control-loop tick"
-    odriver._aq_checked_at -= odriver.aq_recheck_s
+    odriver._aq_next_try -= odriver.aq_recheck_s
     rec.mode("found")
     listener = odriver.listener()
     try:
         assert listener is not None and len(rec.issued) == asked + 1
     finally:
         listener.close()
+
+
+def test_after_a_listener_failure_the_next_one_waits_instead_of_one_per_tick(odriver, rec, monkeypatch):
+    """Issue 12.5: the control loop asks for a listener on every tick while it has none."""
+    import time as _time
+
+    from multiprocessing.connection import wait
+
+    from worker.drivers import oracle as mod
+    sessions = []
+
+    def connect():
+        sessions.append(DBAPIConn(rec))
+        return sessions[-1]
+
+    monkeypatch.setattr(odriver, "connect_dedicated", connect)
+    rec.mode("found")
+    listener = odriver.listener()
+    assert listener is not None and len(sessions) == 1
+    listener.queue.messages.put(RuntimeError("DPY-4011: the database or network closed the connection"))
+    assert wait([listener], 5) == [listener]
+    with pytest.raises(RuntimeError):
+        listener.drain()
+    listener.close()                              # what the control loop does, then asks again each tick
+    catalog = len([i for i in rec.issued if "all_queues" in i.sql])
+    for _ in range(50):
+        assert odriver.listener() is None
+    assert len(sessions) == 1, "no new session per tick"
+    assert len([i for i in rec.issued if "all_queues" in i.sql]) == catalog, "no catalog query per tick"
+    assert 1.5 < odriver._aq_next_try - _time.monotonic() <= 2.0, "the first retry after 2 s"
+    odriver._aq_next_try = 0.0
+    listener = odriver.listener()
+    assert listener is not None and len(sessions) == 2
+    listener.close()
+    odriver._aq_failed(RuntimeError("again"), lived_s=1.0)
+    assert 3.5 < odriver._aq_next_try - _time.monotonic() <= 4.0, "doubling while it keeps failing"
+    for _ in range(10):
+        odriver._aq_failed(RuntimeError("again"), lived_s=1.0)
+    assert odriver._aq_next_try - _time.monotonic() <= odriver.aq_recheck_s
+    odriver._aq_failed(RuntimeError("once"), lived_s=odriver.aq_recheck_s + 1)
+    assert odriver._aq_next_try - _time.monotonic() <= 2.0, "a listener that ran a while starts over"
+    monkeypatch.setattr(mod, "aq_supported", lambda: False)
+    odriver._aq_next_try = 0.0
+    assert odriver.listener() is None and len(sessions) == 2, "python-oracledb < 3.1 in thin mode: poll"
+
+
+def test_aq_needs_python_oracledb_3_1_in_thin_mode():
+    from worker.drivers.oracle import aq_supported
+    assert not aq_supported("3.0.1", thin=True) and not aq_supported("2.5.1", thin=True)
+    assert aq_supported("3.1.0", thin=True) and aq_supported("26.1.0", thin=True)
+    assert aq_supported("2.5.1", thin=False), "thick mode has had bulk dequeue all along"
+
+
+def test_history_days_done_never_counts_a_null_day(odriver, rec):
+    """'' is NULL on Oracle: a log row without a day is no day done."""
+    rec.mode("found")                                   # the stand-in answers param1 = NULL
+    assert odriver.history_days_done("r1") == set()

@@ -247,6 +247,10 @@ class OccurrenceEnqueue:
 LEADER_NAME = "scheduler"
 
 
+class LeaderLockUnavailable(RuntimeError):
+    """The session lock can never be had here (a missing grant): lead by the lease row."""
+
+
 def occurrence_request_id(jobschid: int, scheduled_for: datetime) -> str:
     """Deterministic, so that a replayed insert is recognisably the same occurrence."""
     stamp = scheduled_for.strftime("%Y%m%dT%H%M%S") + (f".{scheduled_for.microsecond:06d}" if scheduled_for.microsecond else "")
@@ -332,10 +336,11 @@ class SQLDriver:
     def session_terminate(self, session_id: str) -> None:
         """Best effort: end a database session by id (after its process was killed)."""
 
-    def procedure_call(self, conn: Connection, name: str, args: Sequence[Any],
-                       counts: bool = False) -> tuple[int | None, int | None, int | None] | None:
-        """Call a stored procedure with (prcid, param1..param10); with ``counts`` it also takes
-        three INOUT row counts (source, target, error) and returns what it set them to."""
+    def procedure_call(self, conn: Connection, name: str, args: Sequence[Any], counts: bool = False, *,
+                       truncate_flag: str | None = None) -> tuple[int | None, int | None, int | None] | None:
+        """Call a stored procedure with (prcid, param1..param10), then ``truncate_flag`` ('Y' or
+        'N') when given; with ``counts`` it also takes three INOUT row counts (source, target,
+        error) and returns what it set them to."""
         raise NotImplementedError(f"sql: handlers are not supported on {self.name}")
 
     def run_script(self, conn: Connection, script: str) -> None:

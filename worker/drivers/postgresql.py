@@ -346,13 +346,20 @@ class PostgresDriver(SQLDriver):
             conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": int(session_id)})
 
     def procedure_call(self, conn: Connection, name: str, args: Sequence[Any],
-                       counts: bool = False) -> tuple[int | None, int | None, int | None] | None:
+                       counts: bool = False, *, truncate_flag: str | None = None,
+                       ) -> tuple[int | None, int | None, int | None] | None:
+        """``CALL name(prcid, param1..param10[, truncate_flag][, NULL, NULL, NULL])``.
+
+        ``truncate_flag`` ('Y'/'N'), when given, is one more argument after param10: only jobs
+        that opt in get it (docs/jobs.md), so procedures taking exactly prcid and ten params
+        keep working."""
         if not _IDENT.match(name):
             raise ValueError(f"invalid procedure name {name!r}")
-        binds = ", ".join(f":a{i}" for i in range(len(args)))
+        values = list(args) + ([truncate_flag] if truncate_flag is not None else [])
+        binds = ", ".join(f":a{i}" for i in range(len(values)))
         # INOUT parameters come back as the CALL's result row.
         extra = ", NULL::bigint, NULL::bigint, NULL::bigint" if counts else ""
-        result = conn.execute(sa.text(f"CALL {name}({binds}{extra})"), {f"a{i}": v for i, v in enumerate(args)})
+        result = conn.execute(sa.text(f"CALL {name}({binds}{extra})"), {f"a{i}": v for i, v in enumerate(values)})
         if not counts:
             return None
         row = result.first()

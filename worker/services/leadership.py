@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from ..drivers.base import LeaderElect, LeaderTerm, SQLDriver
+from ..drivers.base import LeaderElect, LeaderLockUnavailable, LeaderTerm, SQLDriver
 
 log = logging.getLogger("worker.leadership")
 
@@ -47,7 +47,13 @@ class Leadership:
                 log.warning("replica %s lost the leadership (epoch %s)", self.worker_id, self.epoch)
                 self.step_down()
             return
-        force = self.mode == "lock" and self.driver.leader_lock_try()
+        try:
+            force = self.mode == "lock" and self.driver.leader_lock_try()
+        except LeaderLockUnavailable as exc:
+            # Every attempt would fail alike: say so once and lead by the lease row, which the
+            # same epoch fences.
+            log.error("leader election: %s; leading by the lease row until restarted", exc)
+            self.mode, force = "lease", False
         try:
             result = self.driver.leader_lease_take(LeaderElect(self.worker_id, self.ttl_s, self.mode, force))
         except Exception:

@@ -9,6 +9,7 @@
 -- that nothing depends on that role's contents; and package EXECUTE rights must be direct anyway,
 -- because definer-rights PL/SQL (the AQ wake-up package and triggers) ignores roles.
 -- ALTER SYSTEM is deliberately NOT granted: dms-worker never needs it.
+WHENEVER SQLERROR EXIT FAILURE
 ALTER SESSION SET CONTAINER = FREEPDB1;
 
 -- Tables, views, the DMS_API package, the AQ wake-up package, triggers and purge job.
