@@ -276,6 +276,17 @@ class PostgresDriver(SQLDriver):
     def is_transient(self, exc: BaseException) -> bool:
         orig = getattr(exc, "orig", exc)
         sqlstate = getattr(orig, "sqlstate", None) or ""
+        # Refusals that no retry can fix: a wrong password (28P01), an unknown role or no
+        # pg_hba.conf entry (28000), an unknown database (3D000). libpq reports refusals at
+        # connect time without a SQLSTATE, so their (English) server messages count too.
+        if sqlstate in ("28P01", "28000", "3D000"):
+            return False
+        text = str(orig).lower()
+        if any(m in text for m in ("password authentication failed", "authentication failed for user",
+                                   "no password supplied", "no pg_hba.conf entry", "is not permitted to log in")):
+            return False
+        if "does not exist" in text and ('database "' in text or 'role "' in text):
+            return False
         # 08: connection exceptions; 57P: operator intervention (shutdown); 40: serialization/deadlock
         if sqlstate.startswith(("08", "57P", "40")):
             return True
