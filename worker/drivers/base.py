@@ -723,6 +723,31 @@ class SQLDriver:
         # Grouped outside: Oracle refuses a GROUP BY whose CASE carries other bind names.
         return sa.select(rows.c.reason, rows.c.mapref, sa.func.count()).group_by(rows.c.reason, rows.c.mapref)
 
+    # -- schedule validity (leader) --------------------------------------------------------
+    def schedule_states(self) -> dict[int, dict[str, Any]]:
+        """Every DMS_JOBSCH row's identity and flags, current or not, for the leader's checks
+        of dependencies (a missing or old parent, a cycle) and of ``invalid_reason``."""
+        j = s.jobsch.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(j.jobschid, j.mapref, j.curflg, j.schflg, j.dpnd_jobschid,
+                                          j.invalid_reason)).mappings().all()
+        return {int(r["jobschid"]): dict(r) for r in rows}
+
+    def schedule_set_invalid(self, worker_id: str, epoch: int, reasons: dict[int, str | None]) -> bool:
+        """Write (or clear, with None) ``invalid_reason`` of the given rows, fenced by the
+        leader's epoch; False when the lease is no longer ours. An invalid row never fires, so
+        its ``nxt_run_dt`` is cleared with it; the scheduler sets it again once it is valid."""
+        j = s.jobsch.c
+        with self.begin() as conn:
+            if conn.execute(sa.select(sa.literal(1)).where(self._lease_valid(worker_id, epoch))).first() is None:
+                return False
+            for jobschid, reason in sorted(reasons.items()):
+                values: dict[str, Any] = {"invalid_reason": self._fit(reason, 1000)}
+                if reason is not None:
+                    values["nxt_run_dt"] = None
+                conn.execute(sa.update(s.jobsch).where(j.jobschid == jobschid).values(**values))
+        return True
+
 
 class LeaseElector:
     """Leadership by a lease row in DMS_LEADER: holder, epoch and expiry from the database clock.
