@@ -505,3 +505,17 @@ def test_the_name_check_catches_a_typo():
     assert check_expr("x", 'dms_leader{status="NEW"}', names)
     assert check_expr("x", "sum by (mapref) (dms_leader)", names)
     assert not check_expr("x", 'sum by (mapref, le) (rate(dms_execution_duration_seconds_bucket{job="a"}[5m]))', names)
+
+
+def test_the_documented_alertmanager_inhibit_rule_is_valid(tmp_path):
+    """docs/operations.md's inhibit rule, in a minimal alertmanager.yml, passes amtool."""
+    tool = shutil.which("amtool")
+    if tool is None:
+        pytest.skip("amtool not installed (apt-get install prometheus-alertmanager)")
+    text = (REPO / "docs" / "operations.md").read_text()
+    (block,) = [b for b in re.findall(r"^```yaml\n(.*?)^```", text, re.M | re.S) if "inhibit_rules:" in b]
+    config = tmp_path / "alertmanager.yml"
+    config.write_text("route:\n  receiver: pager\nreceivers:\n  - name: pager\n" + block)
+    result = subprocess.run([tool, "check-config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "1 inhibit rules" in result.stdout, result.stdout + result.stderr
+
