@@ -338,6 +338,8 @@ def _scenarios(d: OracleDriver, rec: Recorder) -> dict[str, Any]:
         "request_prune": lambda: d.request_prune(86400.0, limit=1000),
         "queue_depth": d.queue_depth,
         "cluster_status": d.cluster_status,
+        "schedule_states": d.schedule_states,
+        "schedule_set_invalid": lambda: d.schedule_set_invalid(W, 1, {1: "no DMS_JOB row é" * 100, 2: None}),
         "lease_elector": lease,
         "lock_elector_free": lock(0),
         "lock_elector_held": lock(1),
@@ -423,7 +425,7 @@ def test_every_verb_of_the_interface_is_driven(odriver, rec, issued):
                "request_release_orphans", "schedule_list", "occurrence_enqueue", "request_prune", "queue_depth",
                "cluster_status", "leader_elector", "listener", "session_id", "session_terminate", "session_cancel",
                "procedure_call", "run_script", "migration_lock", "is_transient", "clock", "begin", "dispose",
-               "connect_dedicated"}
+               "connect_dedicated", "schedule_states", "schedule_set_invalid"}
     assert public - covered == set(), "a new driver verb: add it to the scenarios above"
 
 
