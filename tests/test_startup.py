@@ -221,3 +221,16 @@ def test_a_password_in_the_url_query_never_shows(pg_url, tmp_path):
         text += done.stdout + done.stderr
         assert "password=***" in done.stdout, command
     assert "s3cr3t-in-query" not in text
+
+
+def test_a_password_with_an_unencoded_at_is_refused_without_its_tail(tmp_path):
+    """`user:p@ss-tail@host`: SQLAlchemy takes `ss-tail@host` for the host, which the
+    connection error then printed; now nothing is tried and nothing of it is shown."""
+    url = "postgresql+psycopg://postgres:p@ss-tail@127.0.0.1:5432/postgres"
+    for command in (["status"], ["migrate"], ["run"]):
+        proc = subprocess.run([sys.executable, "-m", "worker", *command, "--database-url", url], cwd=tmp_path,
+                              env=clean_env(DMS_METRICS_PORT="0"), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith("dms-worker: configuration error: DMS_DATABASE_URL:") and "%40" in line
+        assert "ss-tail" not in proc.stdout + proc.stderr and "p@ss" not in proc.stdout + proc.stderr
