@@ -7,7 +7,6 @@ being retried for ever as if it were down; settings that cannot work are one lin
 """
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
