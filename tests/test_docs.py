@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +32,31 @@ def blocks(path: Path, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", path.read_text(), re.M | re.S)
 
 
-def test_every_sql_example_runs_in_order_on_postgresql(pg_url):
+@pytest.fixture
+def own_pg_database(pg_database_url):
+    """A migrated PostgreSQL database of this test's own: the examples create tables (sales,
+    sales_mart) and a procedure that must not leak into the session's shared test database."""
+    from worker.drivers import make_driver
+    from worker.migrate import migrate
+    admin = sa.create_engine(sa.engine.make_url(pg_database_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    name = f"dms_docs_{os.getpid()}_{secrets.token_hex(3)}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(pg_database_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        driver = make_driver(url)
+        migrate(driver)
+        driver.dispose()
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_every_sql_example_runs_in_order_on_postgresql(own_pg_database):
     import psycopg
-    libpq = sa.engine.make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    libpq = sa.engine.make_url(own_pg_database).set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(libpq, autocommit=True) as conn:
         ran = 0
         for path in DOCS:
