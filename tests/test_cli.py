@@ -181,6 +181,116 @@ def test_status_never_prints_the_password(pg_url, tmp_path):
     assert {"status": "NEW", "request_type": "IMMEDIATE", "count": 1} in status["queue"]
 
 
+def _seed_dead_cluster(url: str) -> None:
+    """What the tables hold after every replica was killed: a lease that expired, replica rows
+    that stopped heartbeating (one without V003's expires_at), an execution left IP, and NEW
+    rows that wait for different reasons."""
+    driver = make_driver(url)
+    try:
+        client.register_job(driver.engine, "EXCL", "worker.jobs.builtin:sleep")            # no overlap
+        client.register_job(driver.engine, "OFF", "worker.jobs.builtin:noop", enabled=False)
+        with driver.begin() as conn:
+            conn.execute(sa.insert(s.worker).values(
+                worker_id="h:1:dead", host="h", pid=1, started_at=driver.clock(-600), heartbeat_at=driver.clock(-166),
+                expires_at=driver.clock(-158), is_leader="Y", slots=4, running=1))
+            conn.execute(sa.insert(s.worker).values(
+                worker_id="h:2:dead", host="h", pid=2, started_at=driver.clock(-600), heartbeat_at=driver.clock(-166),
+                is_leader="N", slots=4, running=0))
+            conn.execute(sa.insert(s.leader).values(name="scheduler", holder="h:1:dead", epoch=7,
+                                                    acquired_at=driver.clock(-600), expires_at=driver.clock(-166)))
+            conn.execute(sa.insert(s.prcreq).values(
+                request_id="running-1", mapref="EXCL", request_type=s.IMMEDIATE, status=s.PROCESSING, attempts=1,
+                claimed_by="h:1:dead", claimed_at=driver.clock(-300), not_before=driver.clock(-300),
+                excl_key="EXCL"))
+            conn.execute(sa.insert(s.prclog).values(mapref="EXCL", strtdt=driver.clock(-300), status=s.IN_PROGRESS,
+                                                    request_id="running-1", worker_id="h:1:dead", attempt=1))
+            for rid, mapref, due in (("behind-1", "EXCL", -60), ("behind-2", "EXCL", -60), ("off-1", "OFF", -60),
+                                     ("later-1", "EXCL", 3600)):
+                conn.execute(sa.insert(s.prcreq).values(request_id=rid, mapref=mapref, request_type=s.IMMEDIATE,
+                                                        status=s.NEW, attempts=0, not_before=driver.clock(due)))
+    finally:
+        driver.dispose()
+
+
+def test_status_after_every_replica_died_tells_the_truth(sqlite_url, tmp_path):
+    _seed_dead_cluster(sqlite_url)
+    proc = cli("status", "--database-url", sqlite_url, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    lead = next(line for line in out.splitlines() if line.startswith("leader:"))
+    assert lead.startswith("leader: NONE") and "h:1:dead" in lead and "expired 166" in lead, lead
+    assert "mode lease" in lead, "SQLite leads by the lease row"
+    assert "renewed until -" not in out
+    assert "replicas (0 alive, 2 dead):" in out
+    for wid in ("h:1:dead", "h:2:dead"):
+        line = next(line for line in out.splitlines() if wid in line and "host=" in line)
+        assert "DEAD" in line and "leader" not in line and "follower" not in line, line
+    running = next(line for line in out.splitlines() if "prcid=" in line)
+    assert "ORPHANED" in running and "running-1" in running, running
+    assert re.search(r"^\s+2\s+held back: an execution of the same job runs.*\[EXCL 2\]", out, re.M), out
+    assert re.search(r"^\s+1\s+their job is disabled.*will fail.*\[OFF 1\]", out, re.M), out
+    assert re.search(r"^\s+1\s+not due yet.*\[EXCL 1\]", out, re.M), out
+    assert "no replica is alive: nothing claims them" in out
+    assert re.search(r"database time: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", out), out
+    assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", running), running
+
+    status = json.loads(cli("status", "--json", "--database-url", sqlite_url, cwd=tmp_path).stdout)
+    assert status["leader"] is None
+    assert status["last_leader"]["holder"] == "h:1:dead" and status["last_leader"]["expires_in_s"] < -160
+    assert status["leader_mode"] == "lease"
+    assert [w["alive"] for w in status["workers"]] == [False, False]
+    assert status["running"][0]["orphaned"] is True
+    waiting = {(w["reason"], w["mapref"]): w["count"] for w in status["waiting"]}
+    assert waiting == {("mapref_busy", "EXCL"): 2, ("disabled", "OFF"): 1, ("not_due", "EXCL"): 1}
+    # Times carry their zone.
+    assert status["now"].endswith("+00:00") and status["running"][0]["strtdt"].endswith("+00:00")
+
+
+def test_status_names_the_leader_mode(pg_url, tmp_path):
+    driver = make_driver(pg_url)
+    with driver.begin() as conn:
+        conn.execute(sa.insert(s.worker).values(worker_id="h:1:live", host="h", pid=1, started_at=driver.clock(),
+                                                heartbeat_at=driver.clock(), expires_at=driver.clock(8),
+                                                is_leader="Y", slots=4, running=0))
+        conn.execute(sa.insert(s.leader).values(name="scheduler", holder="h:1:live", epoch=3,
+                                                acquired_at=driver.clock(), expires_at=driver.clock(10)))
+    # The row does not say (mode NULL): PostgreSQL's default is the session lock.
+    lead = next(line for line in cli("status", "--database-url", pg_url, cwd=tmp_path).stdout.splitlines()
+                if line.startswith("leader:"))
+    assert lead.startswith("leader: h:1:live (mode lock: session lock + lease row; epoch 3; lease valid"), lead
+    # The configured mode when the row does not say ...
+    lead = next(line for line in cli("status", "--database-url", pg_url, cwd=tmp_path,
+                                     env={"DMS_LEADER_MODE": "lease"}).stdout.splitlines() if line.startswith("leader:"))
+    assert "(mode lease: lease row;" in lead, lead
+    # ... and what the leader recorded when it does.
+    with driver.begin() as conn:
+        conn.execute(sa.update(s.leader).values(mode="lease"))
+    lead = next(line for line in cli("status", "--database-url", pg_url, cwd=tmp_path).stdout.splitlines()
+                if line.startswith("leader:"))
+    assert "(mode lease: lease row;" in lead, lead
+    driver.dispose()
+
+
+def test_status_shows_invalid_schedules(sqlite_url, tmp_path):
+    driver = make_driver(sqlite_url)
+    with driver.begin() as conn:
+        conn.execute(sa.insert(s.jobsch).values(mapref="NOJOB", frqcd="DL", schflg="Y", curflg="Y", misfire="LATEST",
+                                                invalid_reason="no DMS_JOB row for mapref 'NOJOB'"))
+    driver.dispose()
+    out = cli("status", "--database-url", sqlite_url, cwd=tmp_path).stdout
+    assert "invalid schedules, skipped by the leader (1):" in out
+    assert "jobschid=1 NOJOB: no DMS_JOB row for mapref 'NOJOB'" in out
+    status = json.loads(cli("status", "--json", "--database-url", sqlite_url, cwd=tmp_path).stdout)
+    assert status["invalid_schedules"][0]["invalid_reason"] == "no DMS_JOB row for mapref 'NOJOB'"
+
+
+def test_unknown_variables_are_warned_about(sqlite_url, tmp_path):
+    proc = cli("status", "--database-url", sqlite_url, cwd=tmp_path, env={"DMS_MAX_WORKERS": "8"})
+    assert proc.returncode == 0, proc.stderr
+    assert one_line(proc.stderr) == ("dms-worker: warning: unknown variable DMS_MAX_WORKERS is ignored; did you mean"
+                                     " SCHEDULER_MAX_WORKERS? (the variables are listed in README.md)")
+
+
 # -- with one real replica -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
@@ -278,8 +388,11 @@ def test_stop_wait_cancels_a_running_sleep(live):
     started = time.monotonic()
     proc = cli("stop", "--request-id", target, "--wait", "30", "--database-url", url, cwd=base, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr + replica.log()[-2000:]
-    stop_rid, outcome = proc.stdout.strip().splitlines()
-    assert stop_rid != target and outcome.split()[0] == "DONE"
+    queued, ended = proc.stdout.strip().splitlines()
+    # It says what it queued and what will happen, then what did.
+    assert re.fullmatch(rf"STOP request \S+ queued: request {target} \(CLI_SLEEP\) is PROCESSING on \S+: it will be"
+                        rf" stopped", queued), queued
+    assert ended == f"request {target}: CANCELLED"
     wait_until(lambda: status_of(url, target) == s.CANCELLED, 30, "the target to end CANCELLED")
     assert time.monotonic() - started < 30, "stopped by the STOP, not by the 60 s sleep ending"
     (row,) = prcreq_rows(url, s.prcreq.c.request_id == target)
@@ -287,6 +400,116 @@ def test_stop_wait_cancels_a_running_sleep(live):
     with driver.engine.connect() as conn:
         logs = conn.execute(sa.select(s.prclog.c.status).where(s.prclog.c.request_id == target)).scalars().all()
     assert logs == [s.STOPPED]
+
+
+def _stop_rows(url: str) -> list:
+    return prcreq_rows(url, s.prcreq.c.request_type == s.STOP)
+
+
+def test_stop_of_a_request_that_already_ended_says_so_and_exits_1(live):
+    url, driver, replica, base = live
+    proc = cli("enqueue", "DEMO", "--wait", "30", "--database-url", url, cwd=base, timeout=60)
+    done = proc.stdout.split()[0]
+    assert status_of(url, done) == s.DONE, proc.stdout + proc.stderr
+    before = len(_stop_rows(url))
+    proc = cli("stop", "--request-id", done, "--database-url", url, cwd=base)
+    assert proc.returncode == 1
+    assert one_line(proc.stderr) == f"dms-worker: nothing to stop: request {done} already ended DONE"
+    assert proc.stdout == ""
+    assert len(_stop_rows(url)) == before, "no STOP row (it would only end FAILED in 'recent failures')"
+
+    proc = cli("stop", "--request-id", "no-such-request", "--database-url", url, cwd=base)
+    assert proc.returncode == 1 and "there is no request 'no-such-request'" in one_line(proc.stderr)
+    assert len(_stop_rows(url)) == before
+
+
+def test_stop_of_a_mapref_with_nothing_running_says_so_and_exits_1(live):
+    url, driver, replica, base = live
+    before = len(_stop_rows(url))
+    proc = cli("stop", "--mapref", "CLI_SLEEP", "--database-url", url, cwd=base)
+    assert proc.returncode == 1
+    assert one_line(proc.stderr) == "dms-worker: nothing to stop: no execution of 'CLI_SLEEP' is running"
+    assert len(_stop_rows(url)) == before
+
+
+def test_stop_of_a_queued_request_says_it_will_be_cancelled(live):
+    url, driver, replica, base = live
+    with driver.begin() as conn:      # not due for an hour: it stays NEW
+        conn.execute(sa.insert(s.prcreq).values(request_id="queued-later", mapref="DEMO", request_type=s.IMMEDIATE,
+                                                status=s.NEW, attempts=0, not_before=driver.clock(3600)))
+    proc = cli("stop", "--request-id", "queued-later", "--wait", "30", "--database-url", url, cwd=base, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    queued, ended = proc.stdout.strip().splitlines()
+    assert queued.endswith("queued: request queued-later (DEMO) is NEW: it will be cancelled before it runs"), queued
+    assert ended == "request queued-later: CANCELLED"
+
+
+def test_enqueue_refresh_schedule_needs_no_mapref(sqlite_url, tmp_path):
+    proc = cli("enqueue", "--type", "refresh_schedule", "--database-url", sqlite_url, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = prcreq_rows(sqlite_url)
+    assert (row["request_id"], row["request_type"], row["mapref"]) == (one_line(proc.stdout), s.REFRESH_SCHEDULE,
+                                                                      "REFRESH_SCHEDULE")
+    # Every other type still needs one, and says so.
+    proc = cli("enqueue", "--database-url", sqlite_url, cwd=tmp_path)
+    assert proc.returncode != 0 and "MAPREF" in one_line(proc.stderr)
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "PYTHONUNBUFFERED"])
+def test_enqueue_wait_piped_into_head_stops_quietly(unbuffered, live):
+    """`| head -1` takes the request id and goes away: no BrokenPipeError traceback, and the id
+    arrives at once rather than when the wait is over."""
+    url, driver, replica, base = live
+    env = clean_env(DMS_DATABASE_URL=url, **({"PYTHONUNBUFFERED": unbuffered} if unbuffered else {}))
+    started = time.monotonic()
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} -m worker enqueue CLI_SLEEP --payload '{{\"seconds\": 2}}'"
+                                         f" --wait 30 2>err.txt | (head -1; echo \"at $SECONDS\" >&2);"
+                                         " echo rc=${PIPESTATUS[0]}"],
+                          cwd=base, env=env, capture_output=True, text=True, timeout=90)
+    err = (base / "err.txt").read_text()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    rid, rc = proc.stdout.strip().splitlines()
+    wait_until(lambda: status_of(url, rid) == s.DONE, 30, "the request to run")
+    assert rc == f"rc={128 + 13}", "like a tool killed by SIGPIPE"
+    assert int(proc.stderr.split("at ")[-1]) < 2, "head got the id before the 2 s job ended"
+    assert time.monotonic() - started < 60
+
+
+# -- help ------------------------------------------------------------------------------------------
+def _all_subparsers():
+    import argparse
+    from worker.cli import build_parser
+    found = {}
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found[f"{prefix}{name}"] = sub
+                    walk(sub, f"{prefix}{name} ")
+    walk(build_parser(), "")
+    return found
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, sub in _all_subparsers().items()
+               for a in sub._actions if not a.help and a.help is not argparse.SUPPRESS]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("supervise", ["--replicas", "(default: 3)"]),
+    ("demo", ["--replicas", "(default: 2)", "--requests", "(default: 30)"]),
+    ("job", ["--max-attempts", "(default: 1)", "--allow-overlap", "one at a time"]),
+    ("run", ["--metrics-port", "DMS_METRICS_PORT", "--max-workers"]),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_help_shows_defaults(command, expected, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in expected:
+        assert text in out, (text, out)
 
 
 # -- the newcomer's command ----------------------------------------------------------------------------

@@ -122,6 +122,13 @@ def test_flags_win_over_environment_and_dotenv(tmp_path):
 def test_an_invalid_flag_is_rejected_like_an_invalid_variable():
     with pytest.raises(ConfigError, match="SCHEDULER_MAX_WORKERS"):
         cfg({}, max_workers=0)
+    with pytest.raises(ConfigError, match="SCHEDULER_MAX_WORKERS"):
+        cfg({}, max_workers=100000)       # `run --max-workers 100000`
+
+
+def test_the_largest_accepted_values():
+    c = cfg({"SCHEDULER_MAX_WORKERS": "256", "DMS_RETENTION_DAYS": "36500"})
+    assert (c.max_workers, c.retention_days) == (256, 36500)
 
 
 # -- invalid values: one line naming the variable ------------------------------------------------------
@@ -142,6 +149,16 @@ def test_an_invalid_flag_is_rejected_like_an_invalid_variable():
     ({"DB_HOST": "orahost", "DB_SID": "ORCL", "DB_PASSWORD": PASSWORD}, "DB_USER"),
     ({"DB_HOST": "orahost", "DB_SID": "ORCL", "DB_USER": "u", "DB_PORT": "abc", "DB_PASSWORD": PASSWORD},
      "DB_PORT"),
+    # Upper bounds: 100,000 execution processes, or a retention that overflows every date type.
+    ({"SCHEDULER_MAX_WORKERS": "100000"}, "SCHEDULER_MAX_WORKERS"),
+    ({"SCHEDULER_MAX_WORKERS": "257"}, "SCHEDULER_MAX_WORKERS"),
+    ({"DMS_RETENTION_DAYS": "1e9"}, "DMS_RETENTION_DAYS"),
+    ({"DMS_RETENTION_DAYS": "36501"}, "DMS_RETENTION_DAYS"),
+    ({"DMS_RETENTION_DAYS": "inf"}, "DMS_RETENTION_DAYS"),
+    ({"SCHEDULER_POLL_INTERVAL": "inf"}, "SCHEDULER_POLL_INTERVAL"),
+    ({"DMS_SHUTDOWN_GRACE": "nan"}, "DMS_SHUTDOWN_GRACE"),
+    # A password with an unencoded '@': SQLAlchemy would read its tail as the host.
+    ({"DMS_DATABASE_URL": "postgresql+psycopg://dms:s3cr@t@pghost:5432/dms"}, "DMS_DATABASE_URL"),
 ], ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v)
 def test_invalid_values_raise_one_line_naming_the_variable(environ, var):
     with pytest.raises(ConfigError) as info:
@@ -171,6 +188,47 @@ def test_password_never_appears_in_str_repr_or_safe_url(environ):
         assert_no_password(text)
     assert "***" in c.safe_url
     assert sa.engine.make_url(c.safe_url).host in ("orahost", "pghost")   # still useful to read
+
+
+def test_an_unencoded_at_in_the_password_never_shows_its_tail():
+    # SQLAlchemy reads user "dms", password "s3cr", host "t-tail@pghost": the tail of the
+    # password would appear wherever the host is printed.
+    url = "postgresql+psycopg://dms:s3cr@t-tail@pghost:5432/dms"
+    with pytest.raises(ConfigError) as info:
+        cfg({"DMS_DATABASE_URL": url})
+    message = str(info.value)
+    assert "DMS_DATABASE_URL" in message and "%40" in message
+    for secret in ("s3cr", "t-tail", "pghost"):
+        assert secret not in message
+    from worker.config import mask_url
+    assert "t-tail" not in mask_url(url) and "s3cr" not in mask_url(url) and "pghost" in mask_url(url)
+
+
+@pytest.mark.parametrize("key", ["password", "PASSWORD", "sslpassword", "wallet_password"])
+def test_a_password_in_the_query_string_is_masked(key):
+    c = cfg({"DMS_DATABASE_URL": f"postgresql+psycopg://dms@pghost:5432/dms?{key}=hunter2&sslmode=require"})
+    assert sa.engine.make_url(c.database_url).query[key] == "hunter2"      # still there, for connecting
+    for text in (str(c), repr(c), c.safe_url):
+        assert "hunter2" not in text
+    assert f"{key}=***" in c.safe_url and "sslmode=require" in c.safe_url
+
+
+# -- unknown variables --------------------------------------------------------------------------
+def test_unknown_dms_and_scheduler_variables_are_collected_with_a_suggestion(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("SCHEDULER_POLL_INTERVALL=2\n")
+    c = cfg({"DMS_MAX_WORKERS": "8", "DMS_LOG_LEVELS": "DEBUG", "DMS_FROBNICATE": "1",
+             # known: read elsewhere, or by the test/bench/chaos suites; and not ours at all
+             "DMS_TEST_PG_URL": "x", "DMS_VENV": "/opt/v", "DMS_MIGRATIONS_DIR": "/x", "DMS_CHAOS_SEED": "1",
+             "SCHEDULER_MAX_WORKERS": "3", "DB_HOSTNAME": "x", "PATH": "/bin"}, dotenv_path=dotenv)
+    assert c.max_workers == 3, "the misspelled DMS_MAX_WORKERS changed nothing"
+    assert c.unknown_variables == ("DMS_FROBNICATE", "DMS_LOG_LEVELS", "DMS_MAX_WORKERS", "SCHEDULER_POLL_INTERVALL")
+    warnings = c.unknown_variable_warnings()
+    assert warnings[0] == "unknown variable DMS_FROBNICATE is ignored (the variables are listed in README.md)"
+    assert "did you mean DMS_LOG_LEVEL?" in warnings[1]
+    assert "did you mean SCHEDULER_MAX_WORKERS?" in warnings[2]
+    assert "did you mean SCHEDULER_POLL_INTERVAL?" in warnings[3]
+    assert cfg({"SCHEDULER_TIMEZONE": "UTC", "DMS_DATABASE_URL": "sqlite:///x.db"}).unknown_variables == ()
 
 
 # -- the real command --------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def busy_metrics() -> Metrics:
     m.heartbeat_ok(time.monotonic())
     m.schedule_invalid("bad_cron")
     m.occurrences_enqueued(2, [0.004, 1.5])
-    m.set_queue([("NEW", "IMMEDIATE", 7), ("PROCESSING", "HISTORY", 1), ("DONE", "IMMEDIATE", 40)], 12.5, 1)
+    # What the leader's query returns: waiting and running rows only (finished are history).
+    m.set_queue([("NEW", "IMMEDIATE", 7), ("PROCESSING", "HISTORY", 1)], 12.5, 1)
     m.set_slots(1, 4)
     return m
 
@@ -178,19 +179,50 @@ def test_leader_queue_gauges_replace_vanished_label_sets():
     m.set_leader(True)
     m.set_queue([("NEW", "IMMEDIATE", 5), ("NEW", "HISTORY", 2), ("FAILED", "IMMEDIATE", 1)], 30.0, 2)
     got = {(l["status"], l["request_type"]): v for l, v in samples(m)["dms_queue_requests"]}
-    assert got == {("NEW", "IMMEDIATE"): 5, ("NEW", "HISTORY"): 2, ("FAILED", "IMMEDIATE"): 1}
+    assert {k: v for k, v in got.items() if v} == {("NEW", "IMMEDIATE"): 5, ("NEW", "HISTORY"): 2,
+                                                   ("FAILED", "IMMEDIATE"): 1}
     assert value(m, "dms_queue_oldest_new_age_seconds") == 30.0
     assert value(m, "dms_queue_running_executions") == 2
 
-    # The next refresh no longer has NEW HISTORY nor FAILED rows, and no NEW at all has an age.
+    # The next refresh no longer has NEW HISTORY nor FAILED rows, and no NEW at all has an age:
+    # NEW HISTORY reads 0 (a waiting status), FAILED is gone, the age reads 0.
     m.set_queue([("NEW", "IMMEDIATE", 1), ("DONE", "IMMEDIATE", 6)], None, 0)
     got = {(l["status"], l["request_type"]): v for l, v in samples(m)["dms_queue_requests"]}
-    assert got == {("NEW", "IMMEDIATE"): 1, ("DONE", "IMMEDIATE"): 6}
-    assert "dms_queue_oldest_new_age_seconds" not in samples(m)
+    assert got[("NEW", "IMMEDIATE")] == 1 and got[("DONE", "IMMEDIATE")] == 6
+    assert got[("NEW", "HISTORY")] == 0 and ("FAILED", "IMMEDIATE") not in got
+    assert value(m, "dms_queue_oldest_new_age_seconds") == 0
     assert value(m, "dms_queue_running_executions") == 0
 
     m.clear_queue()
     assert "dms_queue_" not in m.exposition().decode()
+
+
+def test_an_empty_queue_reads_zero_on_the_leader():
+    """`dms_queue_requests{status="NEW"}` must read 0 when nothing waits, not vanish: an absent
+    series is "unknown" to Prometheus, and alerts on it cannot tell "empty" from "not watched"."""
+    m = Metrics("leader")
+    m.set_leader(True)
+    m.set_queue([], None, 0)
+    got = {(l["status"], l["request_type"]): v for l, v in samples(m)["dms_queue_requests"]}
+    for status in ("NEW", "CLAIMED", "PROCESSING"):
+        for request_type in ("IMMEDIATE", "HISTORY", "STOP", "REFRESH_SCHEDULE"):
+            assert got[(status, request_type)] == 0, (status, request_type)
+    assert value(m, "dms_queue_oldest_new_age_seconds") == 0
+    assert value(m, "dms_queue_running_executions") == 0
+
+
+def test_oldest_new_is_also_exported_as_a_point_in_time():
+    """So that DmsOldestNewTooOld can go on ageing the last known state when no leader exports:
+    the time the oldest NEW request waits since, or the snapshot's time when none waits."""
+    m = Metrics("leader")
+    m.set_leader(True)
+    before = time.time()
+    m.set_queue([("NEW", "IMMEDIATE", 3)], 120.0, 0)
+    after = time.time()
+    stamp = value(m, "dms_queue_oldest_new_timestamp_seconds")
+    assert before - 120 <= stamp <= after - 120
+    m.set_queue([], None, 0)
+    assert time.time() - 1 <= value(m, "dms_queue_oldest_new_timestamp_seconds") <= time.time()
 
 
 def test_stepping_down_clears_the_queue_gauges():
@@ -205,7 +237,7 @@ def test_queue_labels_stay_bounded():
     m = Metrics("leader")
     m.set_leader(True)
     m.set_queue([("NEW", "GARBAGE1", 1), ("NEW", "GARBAGE2", 2), ("WEIRD", "IMMEDIATE", 3)], None, 0)
-    got = {(l["status"], l["request_type"]): v for l, v in samples(m)["dms_queue_requests"]}
+    got = {(l["status"], l["request_type"]): v for l, v in samples(m)["dms_queue_requests"] if v}
     assert got == {("NEW", "other"): 3, ("other", "IMMEDIATE"): 3}
 
 
@@ -406,14 +438,55 @@ def check_expr(where: str, expr: str, names: dict[str, set[str]]) -> list[str]:
 def test_dashboard_is_valid_grafana_json():
     dash = json.loads(DASHBOARD.read_text())
     assert 36 <= dash["schemaVersion"] <= 41
-    assert [i["name"] for i in dash["__inputs"]] == ["DS_PROMETHEUS"]
     panels = [p for p in dash["panels"] if p["type"] != "row"]
     assert len(panels) >= 14
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     for p in panels:
-        assert p["datasource"]["uid"] == "${DS_PROMETHEUS}", p["title"]
         assert p["targets"], p["title"]
+
+
+def test_dashboard_datasource_is_a_variable_so_file_provisioning_works():
+    """`${DS_PROMETHEUS}` is filled in only by the import dialog; a provisioned file keeps it
+    literally and every panel fails. A datasource variable works both ways."""
+    text = DASHBOARD.read_text()
+    dash = json.loads(text)
+    assert "${DS_" not in text and "__inputs" not in dash
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["job"]["datasource"]["uid"] == "${datasource}"
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            continue
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        for target in p["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", p["title"]
+
+
+def test_every_dashboard_selector_can_match_an_exported_series():
+    """A panel whose label matchers no replica ever exports (finished statuses from the queue
+    gauges, which count waiting and running rows only) can never show data."""
+    exported_samples = samples(busy_metrics())
+    problems = []
+    for where, expr in dashboard_exprs():
+        for name, body in SELECTOR.findall(expr):
+            if not name.startswith("dms_"):
+                continue
+            matchers = [(label, op, val) for label, op, val in
+                        re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"', body)
+                        if label not in TARGET_LABELS]
+
+            def matches(labels: dict[str, str]) -> bool:
+                for label, op, val in matchers:
+                    have = labels.get(label, "")
+                    ok = {"=": have == val, "!=": have != val,
+                          "=~": re.fullmatch(val, have) is not None, "!~": re.fullmatch(val, have) is None}[op]
+                    if not ok:
+                        return False
+                return True
+            if not any(matches(l) for l, _ in exported_samples.get(name, [])):
+                problems.append(f"{where}: {name}{{{body}}} matches nothing a replica exports")
+    assert not problems, "\n".join(problems)
 
 
 def test_dashboard_and_alerts_use_only_exported_metrics_and_labels():
@@ -432,3 +505,17 @@ def test_the_name_check_catches_a_typo():
     assert check_expr("x", 'dms_leader{status="NEW"}', names)
     assert check_expr("x", "sum by (mapref) (dms_leader)", names)
     assert not check_expr("x", 'sum by (mapref, le) (rate(dms_execution_duration_seconds_bucket{job="a"}[5m]))', names)
+
+
+def test_the_documented_alertmanager_inhibit_rule_is_valid(tmp_path):
+    """docs/operations.md's inhibit rule, in a minimal alertmanager.yml, passes amtool."""
+    tool = shutil.which("amtool")
+    if tool is None:
+        pytest.skip("amtool not installed (apt-get install prometheus-alertmanager)")
+    text = (REPO / "docs" / "operations.md").read_text()
+    (block,) = [b for b in re.findall(r"^```yaml\n(.*?)^```", text, re.M | re.S) if "inhibit_rules:" in b]
+    config = tmp_path / "alertmanager.yml"
+    config.write_text("route:\n  receiver: pager\nreceivers:\n  - name: pager\n" + block)
+    result = subprocess.run([tool, "check-config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "1 inhibit rules" in result.stdout, result.stdout + result.stderr
+

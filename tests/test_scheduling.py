@@ -175,8 +175,14 @@ def test_a_dependent_schedule_runs_once_per_parent_success(engine, cluster):
     assert {t for t in children if t in parents} == done, "one child run per parent success, none per failure"
 
 
+def reasons(engine) -> dict[int, str | None]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.select(s.jobsch.c.jobschid, s.jobsch.c.invalid_reason)).all())
+
+
 def test_invalid_schedules_are_skipped_and_the_others_fire(engine, cluster):
     client.register_job(engine, "GOOD", "worker.jobs.builtin:noop", allow_overlap=True)
+    client.register_job(engine, "BAD", "worker.jobs.builtin:noop", allow_overlap=True)
     # An unknown frqcd is refused by the table's CHECK constraint (V003) before any leader sees it.
     with pytest.raises(sa.exc.IntegrityError):
         add_schedule(engine, "BAD", frqcd="XX")
@@ -191,6 +197,63 @@ def test_invalid_schedules_are_skipped_and_the_others_fire(engine, cluster):
                                                None) for jid in bad]) and all(found) and found, 10, "the skip reasons")
     for line, word in zip(lines, ["frqdd", "frqdd", "frqhh", "cron"]):
         assert word in line.lower(), line
+    # ... and the same reasons on the rows, where a DBA looks.
+    got = wait_until(lambda: all((g := reasons(engine))[b] for b in bad) and g, 10, "the reasons on the rows")
+    for jid, word in zip(bad, ["frqdd", "frqdd", "frqhh", "cron"]):
+        assert word in got[jid].lower(), got[jid]
+    assert got[good] is None
+
+
+def test_schedules_that_can_never_fire_say_why_on_the_row_until_fixed(engine, cluster):
+    """A missing or disabled job (each occurrence would only end FAILED), a dependency on
+    itself, on a cycle, on a missing schedule or on an old version: skipped, the reason on
+    the row, nothing enqueued; fixed, the reason goes and the row fires."""
+    for mapref in ("PARENT", "SELF", "CYC", "ORPHAN", "STALE"):
+        client.register_job(engine, mapref, "worker.jobs.builtin:noop", allow_overlap=True)
+    client.register_job(engine, "OFF", "worker.jobs.builtin:noop", allow_overlap=True, enabled=False)
+    every_second = dict(frqcd="CRON", cronexp="* * * * * *", misfire="SKIP")
+    nojob = add_schedule(engine, "NOJOB", **every_second)
+    off = add_schedule(engine, "OFF", **every_second)
+    parent = add_schedule(engine, "PARENT", **every_second)
+    old_parent = add_schedule(engine, "PARENT", curflg="N", **every_second)
+    selfdep = add_schedule(engine, "SELF", frqcd="DL")
+    with engine.begin() as conn:
+        conn.execute(sa.update(s.jobsch).where(s.jobsch.c.jobschid == selfdep).values(dpnd_jobschid=selfdep))
+    cyc_a = add_schedule(engine, "CYC", frqcd="DL")
+    cyc_b = add_schedule(engine, "CYC", frqcd="DL", dpnd_jobschid=cyc_a)
+    with engine.begin() as conn:
+        conn.execute(sa.update(s.jobsch).where(s.jobsch.c.jobschid == cyc_a).values(dpnd_jobschid=cyc_b))
+    orphan = add_schedule(engine, "ORPHAN", frqcd="DL", dpnd_jobschid=987654)
+    stale = add_schedule(engine, "STALE", frqcd="DL", dpnd_jobschid=old_parent)
+    (r,) = cluster(1)
+    expected = {nojob: "no DMS_JOB row for mapref 'NOJOB'", off: "job 'OFF' is disabled",
+                selfdep: f"dpnd_jobschid {selfdep} is the schedule itself",
+                cyc_a: f"forms a cycle ({cyc_a} -> {cyc_b} -> {cyc_a})",
+                cyc_b: f"forms a cycle ({cyc_b} -> {cyc_a} -> {cyc_b})",
+                orphan: "dpnd_jobschid 987654: no such schedule",
+                stale: f"dpnd_jobschid {old_parent} is an old version (curflg = 'N')"}
+    got = wait_until(lambda: all((g := reasons(engine))[j] for j in expected) and g, 30, "every reason on its row")
+    for jid, text in expected.items():
+        assert text in got[jid], (jid, got[jid])
+    assert got[parent] is None and got[old_parent] is None
+    wait_until(lambda: len(occurrences(engine, parent)) >= 2, 30, "the valid schedule to fire")
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(s.jobsch.c.nxt_run_dt).where(s.jobsch.c.jobschid == nojob)).scalar() is None
+        assert conn.execute(sa.select(sa.func.count()).select_from(s.prcreq).where(
+            s.prcreq.c.mapref.in_(["NOJOB", "OFF"]))).scalar_one() == 0, "no request was enqueued only to fail"
+
+    # Fix three of them; a REFRESH_SCHEDULE makes the leader look at once.
+    client.register_job(engine, "NOJOB", "worker.jobs.builtin:noop", allow_overlap=True)
+    client.register_job(engine, "OFF", "worker.jobs.builtin:noop", allow_overlap=True, enabled=True)
+    with engine.begin() as conn:
+        conn.execute(sa.update(s.jobsch).where(s.jobsch.c.jobschid == stale).values(dpnd_jobschid=parent))
+    refresh = client.enqueue(engine, "REFRESH_SCHEDULE", request_type="REFRESH_SCHEDULE")
+    wait_until(lambda: client.request_status(engine, refresh)["status"] == s.DONE, 15, "the refresh")
+    got = wait_until(lambda: not any((g := reasons(engine))[j] for j in (nojob, off, stale)) and g, 15,
+                     "the fixed rows' reasons to be cleared")
+    assert all(got[j] for j in (selfdep, cyc_a, cyc_b, orphan)), got
+    wait_until(lambda: len(occurrences(engine, nojob)) >= 1 and len(occurrences(engine, off)) >= 1, 30,
+               "the fixed schedules to fire")
 
 
 def test_sigterm_hands_leadership_over_at_once(engine, cluster):

@@ -253,8 +253,50 @@ def test_metadata_compiles_for_oracle_with_timestamp_and_clob(table):
     assert " DATE" not in ddl
 
 
-# -- the shared SPEC checker ---------------------------------------------------------------------------
+# -- the SPEC's tables and columns ----------------------------------------------------------------------
+# What SPEC.md fixes (DBAs, web applications and monitoring rely on these names), carried here so
+# that a fresh clone checks them without the project workspace beside it.
+SPEC_COLUMNS = {
+    "dms_prcreq": "request_id mapref request_type payload status requested_at claimed_at claimed_by completed_at"
+                  " result_payload jobschid scheduled_for",
+    "dms_jobsch": "jobschid mapref frqcd frqdd frqhh frqmi strtdt enddt schflg curflg dpnd_jobschid lst_run_dt"
+                  " nxt_run_dt misfire cronexp invalid_reason",
+    "dms_prclog": "prcid mapref strtdt enddt status msg sessionid param1 param2 param3 param4 param5 param6 param7"
+                  " param8 param9 param10",
+    "dms_joblog": "joblogid prcdt mapref srcrows trgrows errrows prcid sessionid reccrdt",
+    "dms_joberr": "joblogid errid prcdt errtyp errmsg dberrmsg keyvalue prcid mapref",
+    "dms_job": "mapref handler timeout_s max_attempts retry_delay_s allow_overlap enabled description",
+    "dms_worker": "",
+    "dms_leader": "",
+}
+
+
+def test_the_migrated_database_has_every_table_and_column_the_spec_fixes(db_url):
+    engine = sa.create_engine(db_url)
+    try:
+        inspector = sa.inspect(engine)
+        tables = {t.lower() for t in inspector.get_table_names()}
+        missing = []
+        for table, columns in SPEC_COLUMNS.items():
+            if table not in tables:
+                missing.append(table)
+                continue
+            have = {c["name"].lower() for c in inspector.get_columns(table)}
+            missing += [f"{table}.{c}" for c in columns.split() if c not in have]
+        assert not missing, missing
+    finally:
+        engine.dispose()
+
+
+# -- the shared SPEC checker (beside the repository, in the project workspace) ---------------------------
 def test_shared_check_schema_tool_accepts_the_migrated_postgresql_database(pg_url):
+    """The workspace's own checker, which a fresh clone does not have: skipped there (the test
+    above checks the same names), required under CI, where the workspace is present."""
+    if not CHECK_SCHEMA.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs beside the project workspace, but {CHECK_SCHEMA} is missing")
+        pytest.skip(f"{CHECK_SCHEMA} is not beside this checkout (a fresh clone): the repository's own SPEC"
+                    " column check ran instead")
     libpq_url = sa.engine.make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
     proc = subprocess.run([str(CHECK_SCHEMA), libpq_url], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr

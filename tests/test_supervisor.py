@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -193,6 +194,62 @@ def test_each_replica_serves_metrics_on_its_own_port(cluster):
         assert f'worker_id="{mine}"' in text, f"port {c.base_port + n} is not replica {n}"
 
 
+def _cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "worker", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.slow
+def test_supervise_daemon_says_where_it_is_and_ctl_works_from_elsewhere(sqlite_url, tmp_path):
+    """--daemon printed only "Unlinking stale socket", supervisord logged a CRIT line about an
+    unauthenticated socket at every start, and --ctl from another directory printed
+    supervisorctl's own "could not find config file"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DMS_", "SCHEDULER_"))}
+    env.update(FAST, DMS_METRICS_PORT="0", DMS_DATABASE_URL=sqlite_url)
+    home = tmp_path / "home"
+    home.mkdir()
+    workdir = home / "sv"
+    # A socket file left by a supervisord that was killed.
+    sv.paths(workdir)["run"].mkdir(parents=True, mode=0o700)
+    sv.paths(workdir)["socket"].write_text("")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = _cli("supervise", "--replicas", "1", "--daemon", "--workdir", "sv", cwd=home, env=env)
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "stale" not in (proc.stdout + proc.stderr).lower()
+        first = proc.stdout.splitlines()[0]
+        assert re.fullmatch(r"supervisord runs in the background \(pid \d+\) with 1 replica\(s\); logs in .*/sv/logs",
+                            first), proc.stdout
+        assert "--workdir sv --ctl status" in proc.stdout and "--workdir sv --ctl shutdown" in proc.stdout
+
+        # A second start on the same directory is refused: it would rewrite the running one's file.
+        again = _cli("supervise", "--replicas", "1", "--daemon", "--workdir", "sv", cwd=home, env=env)
+        assert again.returncode == 1 and "already runs" in again.stderr, again.stdout + again.stderr
+
+        # From another directory: the default --workdir is not there; one clear line.
+        lost = _cli("supervise", "--ctl", "status", cwd=elsewhere, env=env)
+        assert lost.returncode == 1
+        (line,) = lost.stderr.strip().splitlines()
+        assert "no supervisord configuration in" in line and "--workdir" in line, line
+        assert "could not find config file" not in lost.stdout + lost.stderr
+        # With the right --workdir it works from anywhere.
+        found = wait_until(lambda: "RUNNING" in (r := _cli("supervise", "--workdir", str(workdir), "--ctl", "status",
+                                                          cwd=elsewhere, env=env)).stdout and r, 30,
+                           "the replica to be RUNNING")
+        assert found.returncode == 0, found.stdout + found.stderr
+
+        conf = sv.paths(workdir)["conf"]
+        assert conf.stat().st_mode & 0o777 == 0o600, "it holds the control socket's password"
+        log = (workdir / "logs" / "supervisord.log").read_text()
+        assert "without any HTTP authentication" not in log, log
+    finally:
+        _cli("supervise", "--workdir", str(workdir), "--ctl", "shutdown", cwd=elsewhere, env=env)
+        wait_until(lambda: not sv.is_running(workdir), 60, "supervisord to shut down")
+    stopped = _cli("supervise", "--workdir", str(workdir), "--ctl", "status", cwd=elsewhere, env=env)
+    assert stopped.returncode == 1 and "is not running" in stopped.stderr, stopped.stdout + stopped.stderr
+
+
 # -- the shipped files -----------------------------------------------------------------------------
 def test_rendered_config_parses_and_each_replica_has_its_port(tmp_path):
     env = {"PATH": os.environ.get("PATH", ""), "DMS_SHUTDOWN_GRACE": "60"}
@@ -206,6 +263,17 @@ def test_rendered_config_parses_and_each_replica_has_its_port(tmp_path):
         assert p.command.endswith(f"-m worker run --name {os.uname().nodename}-{n}")
         assert p.stopwaitsecs == 60 + sv.STOP_MARGIN_S     # follows DMS_SHUTDOWN_GRACE
     assert "x.db" not in conf.read_text(), "the database URL must not be written to disk"
+    # The control socket has credentials (supervisord stops logging CRIT about it), and the
+    # file holding them is private.
+    from supervisor.options import ServerOptions
+    options = ServerOptions()
+    options.configfile = str(conf)
+    options.read_config(str(conf))
+    server = options.configroot.supervisord.server_configs[0]
+    assert server["username"] == "dms" and len(server["password"]) == 32
+    text = conf.read_text()
+    assert text.count(f"password={server['password']}") == 2, "supervisorctl must log in with the same"
+    assert conf.stat().st_mode & 0o777 == 0o600
 
     off = sv.render(2, tmp_path / "w2", None, 19400, directory=tmp_path, environ={"DMS_METRICS_PORT": "0"})
     assert {p.environment["DMS_METRICS_PORT"] for p in read_supervisor_config(off).values()} == {"0"}

@@ -7,10 +7,14 @@ nor in ``Config``'s repr or ``safe_url``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
@@ -22,6 +26,10 @@ SQLITE_POLL_INTERVAL = 1.0
 FILE_ROOTS_VAR = "DMS_FILE_ROOTS"
 # `connection: env:NAME` in a file job's params may name only variables with this prefix.
 CONNECTION_PREFIX = "DMS_CONN_"
+# Each slot is an operating-system process: beyond this, run more replicas instead.
+MAX_WORKERS_LIMIT = 256
+# A century; more is a typo (1e9 days overflows every date type).
+MAX_RETENTION_DAYS = 36500
 
 
 class ConfigError(ValueError):
@@ -57,6 +65,9 @@ class Config:
     # DMS_CONN_* variables: database URLs file jobs may name as `connection: env:DMS_CONN_X`.
     connections: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # DMS_*/SCHEDULER_* names that were set but mean nothing here (a typo, an old name): the
+    # command warns about them at start-up rather than silently running on defaults.
+    unknown_variables: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -106,14 +117,57 @@ class Config:
             # SQLite has no wake-up channel (a web app's INSERT can tell no one): poll often.
             # A claim there is a local file read, so a 1 s poll costs next to nothing.
             values["poll_interval"] = SQLITE_POLL_INTERVAL
+        values["unknown_variables"] = unknown_variables(env)
         return cls(**values)
+
+    def unknown_variable_warnings(self) -> list[str]:
+        """One line per unknown DMS_*/SCHEDULER_* variable, with the likely intended name."""
+        return [unknown_variable_warning(name) for name in self.unknown_variables]
+
+
+# Variables of the dms-worker family that are read outside ``Config`` (or by tools around it),
+# so that they are not reported as unknown. Prefixes cover the test, benchmark and chaos suites.
+KNOWN_ELSEWHERE = {"DMS_DATABASE_URL", "DMS_MIGRATIONS_DIR", "DMS_VENV"}
+KNOWN_PREFIXES = ("DMS_TEST_", "DMS_BENCH_", "DMS_CHAOS_")
+_FAMILY = re.compile(r"^(DMS|SCHEDULER)_[A-Z0-9_]+$")
+
+
+def unknown_variables(env: Mapping[str, str]) -> tuple[str, ...]:
+    known = set(_VARIABLES) | KNOWN_ELSEWHERE
+    return tuple(sorted(name for name in env if _FAMILY.match(name) and name not in known
+                        and not name.startswith(KNOWN_PREFIXES)))
+
+
+def unknown_variable_warning(name: str) -> str:
+    known = sorted(k for k in set(_VARIABLES) | KNOWN_ELSEWHERE if _FAMILY.match(k))
+    # Compare without the prefix too: DMS_MAX_WORKERS is SCHEDULER_MAX_WORKERS misremembered.
+    bare = {k.split("_", 1)[1]: k for k in known}
+    guess = (difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+             or [bare[m] for m in difflib.get_close_matches(name.split("_", 1)[1], list(bare), n=1, cutoff=0.75)])
+    hint = f"; did you mean {guess[0]}?" if guess else ""
+    return f"unknown variable {name} is ignored{hint} (the variables are listed in README.md)"
+
+
+# Query parameters that carry secrets: psycopg and oracledb take `password=` there.
+_SECRET_QUERY = re.compile(r"pass|pwd|secret|token", re.I)
+_MASK = "***"
 
 
 def mask_url(url: str) -> str:
+    """``url`` for display: the password, and query parameters that hold secrets, as ``***``.
+
+    A password with an unencoded ``@`` makes SQLAlchemy read its tail as part of the host
+    (``user:p@ss@host`` -> host ``ss@host``): everything up to the last ``@`` is masked then.
+    """
     try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
+        parsed = sa.engine.make_url(url)
     except Exception:
         return "<unparseable database URL>"
+    if parsed.host and "@" in parsed.host:
+        parsed = parsed.set(username=_MASK, password=None, host=parsed.host.rsplit("@", 1)[1])
+    query = {k: (_MASK if _SECRET_QUERY.search(k) else v) for k, v in parsed.query.items()}
+    # render_as_string percent-encodes what it did not mask itself: show *** as ***.
+    return parsed.set(query=query).render_as_string(hide_password=True).replace(quote(_MASK, safe=""), "***")
 
 
 def _number(convert: Callable[[str], float], raw: str, expected: str) -> float:
@@ -125,7 +179,7 @@ def _number(convert: Callable[[str], float], raw: str, expected: str) -> float:
 
 def _positive_float(raw: str) -> float:
     value = _number(float, raw, "a number > 0")
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):      # "inf" and "nan" parse as floats
         raise ValueError("must be a number > 0")
     return value
 
@@ -134,6 +188,20 @@ def _positive_int(raw: str) -> int:
     value = int(_number(int, raw, "an integer >= 1"))
     if value < 1:
         raise ValueError("must be an integer >= 1")
+    return value
+
+
+def _max_workers(raw: str) -> int:
+    value = int(_number(int, raw, f"an integer 1..{MAX_WORKERS_LIMIT}"))
+    if not 1 <= value <= MAX_WORKERS_LIMIT:
+        raise ValueError(f"must be an integer 1..{MAX_WORKERS_LIMIT} (each is a process; run more replicas for more)")
+    return value
+
+
+def _retention_days(raw: str) -> float:
+    value = _number(float, raw, f"a number of days > 0 and <= {MAX_RETENTION_DAYS}")
+    if not (0 < value <= MAX_RETENTION_DAYS):
+        raise ValueError(f"must be a number of days > 0 and <= {MAX_RETENTION_DAYS}")
     return value
 
 
@@ -178,7 +246,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "SCHEMA": ("schema", str),
     "SCHEDULER_POLL_INTERVAL": ("poll_interval", _positive_float),
     "SCHEDULER_REFRESH_INTERVAL": ("refresh_interval", _positive_float),
-    "SCHEDULER_MAX_WORKERS": ("max_workers", _positive_int),
+    "SCHEDULER_MAX_WORKERS": ("max_workers", _max_workers),
     "SCHEDULER_TIMEZONE": ("timezone", str),
     "DMS_METRICS_ADDR": ("metrics_addr", str),
     "DMS_METRICS_PORT": ("metrics_port", _port),
@@ -189,8 +257,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "DMS_WAKEUP": ("wakeup", _choice("auto", "poll")),
     "DMS_LEADER_MODE": ("leader_mode", _choice("auto", "lock", "lease")),
     "DMS_LEADER_TTL": ("leader_ttl", _positive_float),
-    "DMS_RETENTION_DAYS": ("retention_days", _positive_float),
-    "DMS_LOG_RETENTION_DAYS": ("log_retention_days", _positive_float),
+    "DMS_RETENTION_DAYS": ("retention_days", _retention_days),
+    "DMS_LOG_RETENTION_DAYS": ("log_retention_days", _retention_days),
     "DMS_RETRY_MAX_DELAY": ("retry_max_delay", _positive_float),
     "DMS_LOG_LEVEL": ("log_level", _level),
     "DMS_LOG_FILE": ("log_file", str),
@@ -238,16 +306,24 @@ def _validate(cfg: Config) -> None:
         fail("database_url", "not a valid SQLAlchemy URL (e.g. postgresql+psycopg://user@host/db)")
     if url.get_backend_name() not in ("sqlite", "postgresql", "oracle"):
         fail("database_url", f"unsupported backend {url.get_backend_name()!r} (sqlite, postgresql, oracle)")
+    if url.host and "@" in url.host:
+        # Never echo the URL here: what SQLAlchemy took for the host holds part of the password.
+        fail("database_url", "the user name or password contains an unencoded '@': percent-encode"
+                             " it, '@' as %40 (python3 -c \"import urllib.parse, getpass;"
+                             " print(urllib.parse.quote(getpass.getpass(), safe=''))\" prints it encoded)")
     try:
         ZoneInfo(cfg.timezone)
     except (ZoneInfoNotFoundError, ValueError):
         fail("timezone", f"{cfg.timezone!r} is not an IANA time zone (e.g. Europe/Berlin)")
-    if cfg.max_workers < 1:
-        fail("max_workers", "must be an integer >= 1")
+    if not 1 <= cfg.max_workers <= MAX_WORKERS_LIMIT:
+        fail("max_workers", f"must be an integer 1..{MAX_WORKERS_LIMIT} (each is a process; run more replicas for more)")
     for name in ("poll_interval", "refresh_interval", "heartbeat_interval", "rescue_after",
                  "shutdown_grace", "stop_grace", "leader_ttl", "retention_days", "retry_max_delay"):
-        if not getattr(cfg, name) > 0:
+        value = getattr(cfg, name)
+        if not (value > 0 and math.isfinite(value)):
             fail(name, "must be a number > 0")
+    if cfg.retention_days > MAX_RETENTION_DAYS:
+        fail("retention_days", f"must be a number of days > 0 and <= {MAX_RETENTION_DAYS}")
     if cfg.leader_ttl < 3 * cfg.heartbeat_interval:
         fail("leader_ttl", f"must be at least 3 x DMS_HEARTBEAT_INTERVAL ({3 * cfg.heartbeat_interval:g} s)")
     if cfg.rescue_after < 3 * cfg.heartbeat_interval:

@@ -39,7 +39,8 @@ log = logging.getLogger("worker.metrics")
 disable_created_metrics()
 
 OUTCOMES = ("completed", "failed", "stopped", "timeout", "handed_back")
-SCHEDULE_INVALID_REASONS = ("bad_code", "bad_field", "bad_cron", "bad_window", "other")
+SCHEDULE_INVALID_REASONS = ("bad_code", "bad_field", "bad_cron", "bad_window", "no_job", "job_disabled",
+                            "bad_dependency", "other")
 # Label values outside these fixed sets are folded into "other": a row with a garbage
 # request_type or status must not mint a new time series per distinct value.
 QUEUE_STATUSES = (s.NEW, s.CLAIMED, s.PROCESSING, s.DONE, s.FAILED, s.CANCELLED)
@@ -63,15 +64,23 @@ class _QueueSnapshot:
     oldest_new_age_s: float | None
     running: int
     taken_mono: float
+    taken_wall: float
+
+
+# Label sets the leader always exports, at 0 when empty: a series that disappears when its
+# count drops to 0 reads as "unknown" in Prometheus, and `status="NEW"` must read 0 when
+# nothing waits. (Finished statuses are not counted by the leader's query at all.)
+ALWAYS_EXPORTED = tuple((st, rt) for st in (s.NEW, *s.RUNNING_STATUSES) for rt in QUEUE_REQUEST_TYPES)
 
 
 class _QueueCollector(Collector):
     """The leader's queue gauges, rebuilt from the latest snapshot at each scrape.
 
     Holding one immutable snapshot (replaced whole by ``set_queue``) rather than labelled Gauge
-    children means a label set that vanished from the query simply is not emitted, and a
-    follower (no snapshot) emits no ``dms_queue_*`` family at all: not even zeros, which summed
-    over N replicas would look like an empty queue.
+    children means a label set that vanished from the query is emitted as 0 (waiting and
+    running statuses) or not at all (others), and a follower (no snapshot) emits no
+    ``dms_queue_*`` family at all: not even zeros, which summed over N replicas would look
+    like an empty queue.
     """
 
     def __init__(self) -> None:
@@ -89,13 +98,22 @@ class _QueueCollector(Collector):
         depth = GaugeMetricFamily(f"{QUEUE_PREFIX}requests",
                                   "DMS_PRCREQ rows by status and request type (exported by the leader only)",
                                   labels=["status", "request_type"])
-        for status, request_type, count in snap.depth:
+        counts = {key: 0 for key in ALWAYS_EXPORTED}
+        counts.update({(st, rt): n for st, rt, n in snap.depth})
+        for (status, request_type), count in sorted(counts.items()):
             depth.add_metric([status, request_type], count)
         yield depth
-        if snap.oldest_new_age_s is not None:
-            yield GaugeMetricFamily(f"{QUEUE_PREFIX}oldest_new_age_seconds",
-                                    "Age of the oldest NEW request (exported by the leader only)",
-                                    value=snap.oldest_new_age_s)
+        age = snap.oldest_new_age_s or 0.0
+        yield GaugeMetricFamily(f"{QUEUE_PREFIX}oldest_new_age_seconds",
+                                "Age of the oldest NEW request, 0 when none waits (exported by the leader only)",
+                                value=age)
+        # The same fact as a point in time, so that it keeps meaning something when no leader
+        # exports it any more: Prometheus can go on computing time() - last value during an
+        # outage (see DmsOldestNewTooOld). With nothing waiting it is the snapshot's time.
+        yield GaugeMetricFamily(f"{QUEUE_PREFIX}oldest_new_timestamp_seconds",
+                                "Unix time since which the oldest NEW request waits, or of the snapshot when none"
+                                " does (exported by the leader only)",
+                                value=snap.taken_wall - age)
         yield GaugeMetricFamily(f"{QUEUE_PREFIX}running_executions",
                                 "Executions in progress across the cluster (exported by the leader only)",
                                 value=snap.running)
@@ -152,8 +170,9 @@ class Metrics:
         self._leader_changes = Counter("dms_leadership_changes", "Times this replica gained or lost the lease",
                                        registry=r)
 
-        self._schedule_invalid = Counter("dms_schedule_invalid", "Schedule rows skipped as uninterpretable",
-                                         ["reason"], registry=r)
+        self._schedule_invalid = Counter("dms_schedule_invalid",
+                                         "Invalid schedule rows skipped, counted at every reread of DMS_JOBSCH"
+                                         " (rising while any row stays invalid)", ["reason"], registry=r)
         self._enqueued = Counter("dms_occurrences_enqueued", "Scheduled occurrences enqueued as requests",
                                  registry=r)
         self._lateness = Histogram("dms_occurrence_lateness_seconds", "Occurrence due time to its enqueue",
@@ -244,8 +263,9 @@ class Metrics:
     def set_queue(self, depth: list[tuple[str, str, int]], oldest_new_age_s: float | None, running: int) -> None:
         """Replace the leader's queue gauges with one query's result.
 
-        Label sets absent from ``depth`` disappear from the next scrape. Unknown statuses and
-        request types are folded into ``other`` so the series stay bounded.
+        Label sets absent from ``depth`` read 0 (NEW, CLAIMED, PROCESSING) or disappear (any
+        other status) at the next scrape. Unknown statuses and request types are folded into
+        ``other`` so the series stay bounded.
         """
         folded: dict[tuple[str, str], int] = {}
         for status, request_type, count in depth:
@@ -255,7 +275,7 @@ class Metrics:
         self._queue.snapshot = _QueueSnapshot(
             depth=tuple((st, rt, n) for (st, rt), n in sorted(folded.items())),
             oldest_new_age_s=None if oldest_new_age_s is None else max(0.0, oldest_new_age_s),
-            running=int(running), taken_mono=time.monotonic())
+            running=int(running), taken_mono=time.monotonic(), taken_wall=time.time())
 
     def clear_queue(self) -> None:
         """Export no queue gauges any more (a leader stepping down)."""

@@ -13,11 +13,14 @@ section, grouped under ``dms-worker``, so any base port works and the names supe
 shows (``dms-worker:dms-worker-0`` ...) are the same.
 
 The database URL is handed to supervisord through its environment, never written into the
-configuration file, so a password does not land on disk.
+configuration file, so a password does not land on disk. The control socket gets a random
+user and password of its own (in the file, mode 0600), which also keeps supervisord from
+logging a CRIT line about an unauthenticated socket at every start.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -91,11 +94,16 @@ def render(replicas: int, workdir: Path, database_url: str | None = None, base_p
     stopwaitsecs = int(cfg.shutdown_grace + 0.999) + STOP_MARGIN_S
     command = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "worker", "run", "--name"))
     names = [f"{PROGRAM}-{n}" for n in range(replicas)]
+    # The socket is private already (0700 in a 0700 directory); the credentials are what
+    # supervisord wants to see before it stops warning about an unauthenticated socket.
+    user, password = "dms", secrets.token_hex(16)
     lines = [
         "; Rendered by worker.supervise: do not edit, it is rewritten at every start.",
         "[unix_http_server]",
         f"file={_esc(p['socket'])}",
         "chmod=0700",
+        f"username={user}",
+        f"password={password}",
         "",
         "[supervisord]",
         f"logfile={_esc(p['logs'] / 'supervisord.log')}",
@@ -112,6 +120,8 @@ def render(replicas: int, workdir: Path, database_url: str | None = None, base_p
         "",
         "[supervisorctl]",
         f"serverurl=unix://{_esc(p['socket'])}",
+        f"username={user}",
+        f"password={password}",
         "",
         f"[group:{PROGRAM}]",
         f"programs={','.join(names)}",
@@ -141,7 +151,11 @@ def render(replicas: int, workdir: Path, database_url: str | None = None, base_p
             f"stdout_logfile_maxbytes={LOG_MAX_BYTES}",
             f"stdout_logfile_backups={LOG_BACKUPS}",
         ]
-    p["conf"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # Mode 0600 from the start: it holds the control socket's password.
+    fd = os.open(p["conf"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
     return p["conf"]
 
 
@@ -171,11 +185,39 @@ def start(replicas: int, workdir: Path, database_url: str | None = None, base_po
     would get SIGINT from the terminal *and* TERM from supervisord, and a second signal makes a
     replica stop at once instead of draining.
     """
+    _prepare_start(Path(workdir))
     render(replicas, workdir, database_url, base_port, directory, foreground=True, environ=environ)
     # supervisord applies its own `umask` setting only when it daemonizes; in the foreground
     # the log files it creates get the umask it inherits, so set that here.
     return subprocess.Popen(supervisord_command(workdir, foreground=True), env=supervisord_env(database_url, environ),
                             start_new_session=True, umask=0o027, **popen)
+
+
+def is_running(workdir: Path) -> bool:
+    """Whether a supervisord answers on ``workdir``'s control socket."""
+    p = paths(workdir)
+    if not p["conf"].exists() or not p["socket"].exists():
+        return False
+    return subprocess.call(supervisorctl_command(workdir, "pid"), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL) == 0
+
+
+class AlreadyRunning(RuntimeError):
+    """A supervisord already runs on this work directory."""
+
+
+def _prepare_start(workdir: Path) -> None:
+    """Refuse a second supervisord on one work directory; remove a dead one's socket.
+
+    supervisord would print "Unlinking stale socket" itself, and a second one would rewrite
+    the configuration (and the socket's password) under the running one.
+    """
+    if is_running(workdir):
+        raise AlreadyRunning(f"a supervisord already runs in {paths(workdir)['conf'].parent}: use"
+                             f" `dms-worker supervise --workdir {workdir} --ctl status` (or --ctl shutdown first)")
+    sock = paths(workdir)["socket"]
+    if sock.exists() or sock.is_symlink():
+        sock.unlink()
 
 
 def supervise(replicas: int, workdir: Path, database_url: str | None, foreground: bool = True,
@@ -184,10 +226,15 @@ def supervise(replicas: int, workdir: Path, database_url: str | None, foreground
 
     Foreground: until SIGTERM/SIGINT, forwarded to supervisord as one SIGTERM (every replica
     drains; supervisord exits when they have). Otherwise supervisord daemonizes itself and
-    this returns 0 once its control socket answers (1 if it does not within 15 s); stop it
-    with ``supervisorctl(workdir, "shutdown")``.
+    this returns 0 once its control socket answers, saying where things are (1 if it does not
+    answer within 15 s); stop it with ``supervisorctl(workdir, "shutdown")``.
     """
     workdir = Path(workdir)
+    try:
+        _prepare_start(workdir)
+    except AlreadyRunning as exc:
+        print(f"dms-worker: {exc}", file=sys.stderr)
+        return 1
     if not foreground:
         render(replicas, workdir, database_url, base_port, foreground=False)
         # umask: supervisord opens its own log before it daemonizes and applies `umask=027`.
@@ -197,10 +244,17 @@ def supervise(replicas: int, workdir: Path, database_url: str | None, foreground
             return code
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            if subprocess.call(supervisorctl_command(workdir, "pid"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL) == 0:
+            pid = subprocess.run(supervisorctl_command(workdir, "pid"), capture_output=True, text=True)
+            if pid.returncode == 0:
+                p = paths(workdir)
+                print(f"supervisord runs in the background (pid {pid.stdout.strip()}) with {replicas} replica(s);"
+                      f" logs in {p['logs']}\n"
+                      f"  status:  dms-worker supervise --workdir {workdir} --ctl status\n"
+                      f"  stop:    dms-worker supervise --workdir {workdir} --ctl shutdown")
                 return 0
             time.sleep(0.2)
+        print(f"dms-worker: supervisord did not answer within 15 s; see {paths(workdir)['logs'] / 'supervisord.log'}",
+              file=sys.stderr)
         return 1
 
     proc = start(replicas, workdir, database_url, base_port)
@@ -222,7 +276,21 @@ def supervise(replicas: int, workdir: Path, database_url: str | None, foreground
 
 
 def supervisorctl(workdir: Path, *args: str) -> int:
-    """Run ``supervisorctl`` against the supervisord of ``workdir``; its output goes to ours."""
+    """Run ``supervisorctl`` against the supervisord of ``workdir``; its output goes to ours.
+
+    Without a configuration there (another directory, another --workdir) or without a
+    supervisord running on it, say so in one line rather than let supervisorctl complain
+    about a config file or a socket it cannot find.
+    """
+    p = paths(workdir)
+    if not p["conf"].exists():
+        print(f"dms-worker: no supervisord configuration in {p['conf'].parent} (--workdir {workdir}, relative to"
+              f" {os.getcwd()}): pass the --workdir that `dms-worker supervise` was started with", file=sys.stderr)
+        return 1
+    if not is_running(workdir):
+        print(f"dms-worker: supervisord is not running in {p['conf'].parent}: start it with"
+              f" `dms-worker supervise --workdir {workdir}`", file=sys.stderr)
+        return 1
     return subprocess.call(supervisorctl_command(workdir, *args))
 
 

@@ -366,6 +366,8 @@ def _scenarios(d: OracleDriver, rec: Recorder) -> dict[str, Any]:
         "execution_prune": lambda: d.execution_prune(PruneParams(86400.0, limit=1000)),
         "queue_depth": d.queue_depth,
         "cluster_status": d.cluster_status,
+        "schedule_states": d.schedule_states,
+        "schedule_set_invalid": lambda: d.schedule_set_invalid(W, 1, {1: "no DMS_JOB row é" * 100, 2: None}),
         "leader_lease": lease,
         "leader_lock_free": lock(0),
         "leader_lock_held": lock(1),
@@ -455,7 +457,7 @@ def test_every_verb_of_the_interface_is_driven(odriver, rec, issued):
                "leader_lease_resign", "leader_lock_try", "leader_lock_held", "leader_lock_release",
                "listener", "session_id", "session_terminate", "session_cancel",
                "procedure_call", "run_script", "migration_lock", "is_transient", "clock", "begin", "dispose",
-               "connect_dedicated", "session_setup_sql"}
+               "connect_dedicated", "session_setup_sql", "schedule_states", "schedule_set_invalid"}
     assert public - covered == set(), "a new driver verb: add it to the scenarios above"
 
 

@@ -20,7 +20,7 @@ import enum
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
@@ -572,7 +572,7 @@ class SQLDriver:
         """Dependent schedules run once per successful parent occurrence, in the same transaction."""
         j = s.jobsch.c
         children = conn.execute(sa.select(j.jobschid, j.mapref, j.params).where(
-            j.dpnd_jobschid == parent, j.curflg == "Y", j.schflg == "Y")).all()
+            j.dpnd_jobschid == parent, j.curflg == "Y", j.schflg == "Y", j.invalid_reason.is_(None))).all()
         if not children:
             return
         self._insert_occurrences(conn, [
@@ -857,8 +857,10 @@ class SQLDriver:
         history is never counted, however large the table grows.
         """
         c = s.prcreq.c
+        # Waiting since it became due: a retry waiting out its delay is not an old request.
+        due_since = sa.case((c.not_before <= self.clock(), c.not_before))
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(c.status, c.request_type, sa.func.count(), sa.func.min(c.requested_at),
+            rows = conn.execute(sa.select(c.status, c.request_type, sa.func.count(), sa.func.min(due_since),
                                           self.clock().label("now"))
                                 .where(c.status.in_((s.NEW, *s.RUNNING_STATUSES)))
                                 .group_by(c.status, c.request_type)).all()
@@ -868,28 +870,114 @@ class SQLDriver:
         return depth, max(oldest) if oldest else None, running
 
     # -- the cluster as the database sees it -----------------------------------------------
-    def cluster_status(self, recent_failures: int = 10) -> dict[str, Any]:
-        c, w, p = s.prcreq.c, s.worker.c, s.prclog.c
+    def cluster_status(self, recent_failures: int = 10, *, rescue_after_s: float = 8.0,
+                       leader_mode: str | None = None) -> dict[str, Any]:
+        """What ``dms-worker status`` shows, judged by the database clock (times: naive UTC).
+
+        A replica is dead once its ``expires_at`` (its heartbeat plus its own rescue window,
+        V003) has passed; for a row without one, once its heartbeat is older than
+        ``rescue_after_s``. The lease is expired once ``expires_at`` has passed, whoever the
+        row still names. ``leader_mode`` is shown when the lease row does not record its mode.
+        NEW requests are counted by why they wait; executions whose replica is dead are
+        marked orphaned (the rescue closes them).
+        """
+        c, w, p, j = s.prcreq.c, s.worker.c, s.prclog.c, s.jobsch.c
         with self.engine.connect() as conn:
             now = conn.execute(sa.select(self.clock())).scalar_one()
             workers = conn.execute(sa.select(s.worker).order_by(w.started_at)).mappings().all()
             lease = conn.execute(sa.select(s.leader).where(s.leader.c.name == LEADER_NAME)).mappings().first()
             depth = conn.execute(sa.select(c.status, c.request_type, sa.func.count()).group_by(
                 c.status, c.request_type)).all()
+            waiting = conn.execute(self._waiting_reasons()).all()
             running = conn.execute(sa.select(p.prcid, p.mapref, p.request_id, p.worker_id, p.strtdt, p.param1)
                                    .where(p.status == s.IN_PROGRESS).order_by(p.strtdt)).mappings().all()
             failures = conn.execute(sa.select(c.request_id, c.mapref, c.request_type, c.completed_at,
                                               c.result_payload).where(c.status == s.FAILED)
                                     .order_by(c.completed_at.desc()).limit(recent_failures)).mappings().all()
+            invalid = conn.execute(sa.select(j.jobschid, j.mapref, j.frqcd, j.dpnd_jobschid, j.invalid_reason)
+                                   .where(j.invalid_reason.is_not(None), j.curflg == "Y")
+                                   .order_by(j.jobschid)).mappings().all()
+
+        def seconds(later: datetime | None, earlier: datetime | None) -> float | None:
+            return None if later is None or earlier is None else (later - earlier).total_seconds()
+
+        replicas = []
+        for r in workers:
+            expires = r.get("expires_at")
+            if expires is None:     # a replica that does not record its own window
+                expires = r["heartbeat_at"] + timedelta(seconds=rescue_after_s)
+            replicas.append(dict(r, heartbeat_age_s=seconds(now, r["heartbeat_at"]), alive=expires >= now,
+                                 dead_for_s=None if expires >= now else seconds(now, expires)))
+        alive = {r["worker_id"] for r in replicas if r["alive"]}
+        mode = (lease or {}).get("mode") or leader_mode or self.default_leader_mode
+        leader = None
+        last_leader = None
+        if lease is not None and lease["holder"] is not None:
+            info = dict(lease, mode=mode, expires_in_s=seconds(lease["expires_at"], now),
+                        holder_alive=lease["holder"] in alive)
+            if lease["expires_at"] is not None and lease["expires_at"] > now:
+                leader = info
+            else:
+                last_leader = info
         return {
             "now": now,
-            "workers": [dict(r, heartbeat_age_s=(now - r["heartbeat_at"]).total_seconds()) for r in workers],
-            "leader": None if lease is None or lease["holder"] is None else dict(
-                lease, expires_in_s=(lease["expires_at"] - now).total_seconds()),
+            "timezone": "UTC",
+            "leader_mode": mode,
+            "workers": replicas,
+            "leader": leader,
+            "last_leader": last_leader,
             "queue": [{"status": st, "request_type": t, "count": n} for st, t, n in depth],
-            "running": [dict(r, age_s=(now - r["strtdt"]).total_seconds()) for r in running],
+            "waiting": [{"reason": reason, "mapref": mapref, "count": int(n)} for reason, mapref, n in waiting],
+            "running": [dict(r, age_s=seconds(now, r["strtdt"]), orphaned=r["worker_id"] not in alive)
+                        for r in running],
+            "invalid_schedules": [dict(r) for r in invalid],
             "recent_failures": [dict(r) for r in failures],
         }
+
+    # Why a NEW request waits, in the order the claim would find the first obstacle.
+    WAIT_REASONS = ("control", "not_due", "no_job", "disabled", "paused", "mapref_busy", "ready")
+
+    def _waiting_reasons(self) -> sa.Select:
+        c, jb = s.prcreq.c, s.job.c
+        other = s.prcreq.alias("other")
+        reason = sa.case(
+            (c.request_type.in_(s.CONTROL_TYPES), sa.literal("control")),
+            (c.not_before > self.clock(), sa.literal("not_due")),
+            (jb.mapref.is_(None), sa.literal("no_job")),
+            (jb.enabled != "Y", sa.literal("disabled")),
+            (jb.paused == "Y", sa.literal("paused")),
+            (sa.and_(jb.allow_overlap != "Y", sa.exists().where(other.c.excl_key == c.mapref)),
+             sa.literal("mapref_busy")),
+            else_=sa.literal("ready")).label("reason")
+        rows = (sa.select(reason, c.mapref).select_from(s.prcreq.outerjoin(s.job, jb.mapref == c.mapref))
+                .where(c.status == s.NEW).subquery())
+        # Grouped outside: Oracle refuses a GROUP BY whose CASE carries other bind names.
+        return sa.select(rows.c.reason, rows.c.mapref, sa.func.count()).group_by(rows.c.reason, rows.c.mapref)
+
+    # -- schedule validity (leader) --------------------------------------------------------
+    def schedule_states(self) -> dict[int, dict[str, Any]]:
+        """Every DMS_JOBSCH row's identity and flags, current or not, for the leader's checks
+        of dependencies (a missing or old parent, a cycle) and of ``invalid_reason``."""
+        j = s.jobsch.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(j.jobschid, j.mapref, j.curflg, j.schflg, j.dpnd_jobschid,
+                                          j.invalid_reason)).mappings().all()
+        return {int(r["jobschid"]): dict(r) for r in rows}
+
+    def schedule_set_invalid(self, worker_id: str, epoch: int, reasons: dict[int, str | None]) -> bool:
+        """Write (or clear, with None) ``invalid_reason`` of the given rows, fenced by the
+        leader's epoch; False when the lease is no longer ours. An invalid row never fires, so
+        its ``nxt_run_dt`` is cleared with it; the scheduler sets it again once it is valid."""
+        j = s.jobsch.c
+        with self.begin() as conn:
+            if conn.execute(sa.select(sa.literal(1)).where(self._lease_valid(worker_id, epoch))).first() is None:
+                return False
+            for jobschid, reason in sorted(reasons.items()):
+                values: dict[str, Any] = {"invalid_reason": self._fit(reason, 1000)}
+                if reason is not None:
+                    values["nxt_run_dt"] = None
+                conn.execute(sa.update(s.jobsch).where(j.jobschid == jobschid).values(**values))
+        return True
 
 
 class Listener:

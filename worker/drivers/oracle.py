@@ -467,6 +467,11 @@ class OracleDriver(SQLDriver):
 
     def is_transient(self, exc: BaseException) -> bool:
         code = _error_code(exc)
+        # Refused logins that no retry can fix: invalid username/password (ORA-01017), no
+        # CREATE SESSION (ORA-01045), account locked (ORA-28000), password expired (ORA-28001),
+        # null password (ORA-01005); thin mode's "no credentials" (DPY-4001).
+        if code in ("ORA-01017", "ORA-01045", "ORA-28000", "ORA-28001", "ORA-01005", "DPY-4001"):
+            return False
         if code in _TRANSIENT:
             return True
         orig = getattr(exc, "orig", exc)

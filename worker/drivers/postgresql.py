@@ -145,7 +145,7 @@ WITH input AS (
                             requested_at, not_before)
     SELECT {_OCCURRENCE_ID}, c.mapref, 'IMMEDIATE', c.params, 'NEW', 0, c.jobschid, i.scheduled_for, {_NOW}, {_NOW}
     FROM input i JOIN req USING (request_id)
-    JOIN dms_jobsch c ON c.dpnd_jobschid = i.jobschid AND c.curflg = 'Y' AND c.schflg = 'Y'
+    JOIN dms_jobsch c ON c.dpnd_jobschid = i.jobschid AND c.curflg = 'Y' AND c.schflg = 'Y' AND c.invalid_reason IS NULL
     WHERE i.status = 'DONE' AND i.scheduled_for IS NOT NULL
     ON CONFLICT DO NOTHING
     RETURNING jobschid, scheduled_for
@@ -378,6 +378,17 @@ class PostgresDriver(SQLDriver):
     def is_transient(self, exc: BaseException) -> bool:
         orig = getattr(exc, "orig", exc)
         sqlstate = getattr(orig, "sqlstate", None) or ""
+        # Refusals that no retry can fix: a wrong password (28P01), an unknown role or no
+        # pg_hba.conf entry (28000), an unknown database (3D000). libpq reports refusals at
+        # connect time without a SQLSTATE, so their (English) server messages count too.
+        if sqlstate in ("28P01", "28000", "3D000"):
+            return False
+        text = str(orig).lower()
+        if any(m in text for m in ("password authentication failed", "authentication failed for user",
+                                   "no password supplied", "no pg_hba.conf entry", "is not permitted to log in")):
+            return False
+        if "does not exist" in text and ('database "' in text or 'role "' in text):
+            return False
         # 08: connection exceptions; 57P: operator intervention (shutdown); 40: serialization/deadlock;
         # 55P03: lock_not_available (lock_timeout); 57014: query_canceled (statement_timeout);
         # 25P03: idle_in_transaction_session_timeout
