@@ -15,6 +15,7 @@ import uuid
 import sqlalchemy as sa
 
 from common import REPO, fresh_database, print_table, write_json  # noqa: E402  (sets sys.path)
+from report import table_writes, tree_cpu_seconds  # noqa: E402
 from tests.support import Replica, wait_until
 from worker import client
 from worker import schema as s
@@ -39,23 +40,35 @@ def main() -> None:
         with engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(s.prcreq).where(s.prcreq.c.status == "DONE")).scalar()
 
+    def scalar(sql: str):
+        with engine.connect() as conn:
+            return conn.execute(sa.text(sql)).scalar()
+
+    tables = ["dms_prcreq", "dms_prclog", "dms_joblog", "dms_joberr"]
+    writes0 = table_writes(scalar, tables)
     t0 = time.monotonic()
     replicas = [Replica(url, f"b{i}", logs, SCHEDULER_MAX_WORKERS=args.slots, DMS_LOG_LEVEL="WARNING",
                         SCHEDULER_POLL_INTERVAL="1").start() for i in range(args.replicas)]
     try:
         wait_until(lambda: done() > 0, 120, "the first job")
         t_first = time.monotonic()
+        cpu0 = tree_cpu_seconds([r.pid for r in replicas])
         wait_until(lambda: done() == args.jobs, 1800, "the burn-down", interval=0.2)
         t_end = time.monotonic()
+        cpu = tree_cpu_seconds([r.pid for r in replicas]) - cpu0
     finally:
         for r in replicas:
             r.stop()
+    writes = {k: v - writes0[k] for k, v in table_writes(scalar, tables).items()}
     with engine.connect() as conn:
         logs_n = conn.execute(sa.select(sa.func.count()).select_from(s.prclog)).scalar()
         joblogs = conn.execute(sa.select(sa.func.count()).select_from(s.joblog)).scalar()
     row = {"jobs": args.jobs, "replicas": args.replicas, "slots_each": args.slots,
            "seconds_from_first_job": round(t_end - t_first, 2), "jobs_per_s": round(args.jobs / (t_end - t_first), 1),
-           "startup_s": round(t_first - t0, 2), "prclog_rows": logs_n, "joblog_rows": joblogs}
+           "startup_s": round(t_first - t0, 2),
+           "worker_cpu_ms_per_job": round(1000 * cpu / max(1, args.jobs - 1), 3),
+           "rows_per_job": "/".join(f"{k} {writes[k] / args.jobs:.2f}" for k in ("ins", "upd", "del")),
+           "prclog_rows": logs_n, "joblog_rows": joblogs}
     print_table("Burn-down, noop with full bookkeeping (PostgreSQL)", [row])
     print(f"\nresults: {write_json('burndown', row)}")
 

@@ -41,3 +41,42 @@ def write_json(name: str, data: Any) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds user+system) of a live process, from /proc (Linux)."""
+    import os
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(roots: list[int]) -> float:
+    """CPU seconds used so far by the processes ``roots`` and every live descendant (the
+    replicas and their execution processes, or a peer's consumers). Sample before and after:
+    the difference is what the workers spent, the database server excluded."""
+    import os
+    stats = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (st := _proc_stat(int(name))) is not None:
+            stats[int(name)] = st
+    wanted, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in wanted or pid not in stats:
+            continue
+        wanted.add(pid)
+        todo += [child for child, (ppid, _) in stats.items() if ppid == pid]
+    return sum(stats[pid][1] for pid in wanted)
+
+
+def table_writes(scalar_sql: Any, tables: list[str]) -> dict[str, int]:
+    """Rows inserted, updated and deleted so far in ``tables`` (pg_stat_user_tables; read after
+    the workers' sessions ended, which flushes their statistics). ``scalar_sql(sql)`` runs a
+    query and returns its first column of the first row."""
+    names = ", ".join(f"'{t}'" for t in tables)
+    return {kind: int(scalar_sql(f"SELECT coalesce(sum(n_tup_{kind}), 0) FROM pg_stat_user_tables "
+                                 f"WHERE relname IN ({names})") or 0) for kind in ("ins", "upd", "del")}

@@ -140,3 +140,28 @@ def test_stop_and_timeout_during_a_long_export(pg_url, tmp_path, how):
     finally:
         r.stop()
         engine.dispose()
+
+
+def test_a_run_waits_while_an_earlier_runs_call_still_holds_its_mapref_on_the_server(etl):
+    """Issue 12.6: a stopped run's server session may go on with its call; the next run of the
+    mapref waits for that session's lock, handed back without using an attempt meanwhile."""
+    from worker.drivers import make_driver
+    driver = make_driver(etl.url.render_as_string(hide_password=False))
+    held = driver.engine.connect()
+    try:
+        assert driver.execution_lock(held, "ETL", timeout_s=0)     # the earlier call, still on the server
+        rid = client.enqueue(etl, "ETL", param1="0")
+        wait_until(lambda: "still running on the database server" in (_prclog_msgs(etl, rid) or ""), 30,
+                   "the run to find the mapref busy")
+        row = client.request_status(etl, rid)
+        assert row["status"] in ("NEW", "PROCESSING") and row["attempts"] <= 1
+        driver.execution_unlock(held, "ETL")
+        wait_until(lambda: client.request_status(etl, rid)["status"] == "DONE", 30, "the run once the call ended")
+    finally:
+        held.close()
+        driver.dispose()
+
+
+def _prclog_msgs(engine, rid):
+    with engine.connect() as conn:
+        return " ".join(m or "" for m in conn.execute(sa.select(s.prclog.c.msg).where(s.prclog.c.request_id == rid)).scalars())

@@ -408,3 +408,42 @@ def test_a_stop_claimed_with_its_target_cancels_it_without_running_it(engine, st
     assert row(engine, itself)["status"] == s.FAILED
     assert "itself" in json.loads(row(engine, itself)["result_payload"])["error"]
     r.alive_or_fail()
+
+
+def test_a_replica_cut_off_from_its_database_waits_rather_than_spins(engine, start, pg_url):
+    """While the database cannot be reached every service backs off: the control loop must not
+    turn into a busy loop (seen: a replica cut off for minutes at 70 % of a core)."""
+    proxy = StallingProxy(sa.engine.make_url(pg_url).host or "127.0.0.1", sa.engine.make_url(pg_url).port or 5432)
+    try:
+        via_proxy = sa.engine.make_url(pg_url).set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+        client.register_job(engine, "J", "worker.jobs.builtin:sleep", allow_overlap=True)
+        r = start("cut", url=via_proxy, **FAST)
+        r.wait_registered(engine)
+        rid = client.enqueue(engine, "J", seconds=1)
+        wait_until(lambda: row(engine, rid)["status"] == s.PROCESSING, 30, "the job to start")
+        proxy.stall_after(b"")                     # the next packet, whatever it is: cut off
+        wait_until(lambda: proxy.stalled, 10, "the cut")
+        # The job ends while the database is out of reach: its outcome waits, with the retries.
+        proxy.close()                              # and now every new connection is refused at once
+        wid = r.worker_id(engine)
+
+        def silent_for(seconds: float) -> bool:
+            with engine.connect() as conn:
+                return bool(conn.execute(sa.text(
+                    "SELECT count(*) FROM dms_worker WHERE worker_id = :w AND heartbeat_at < "
+                    "(now() AT TIME ZONE 'UTC') - make_interval(secs => :s)"), {"w": wid, "s": seconds}).scalar())
+        wait_until(lambda: silent_for(2), 30, "the replica's heartbeats to stop arriving")
+        used = _cpu_seconds(r.pid)
+        time.sleep(5)                               # a window to measure, not a wait for an event
+        share = (_cpu_seconds(r.pid) - used) / 5
+        assert share < 0.3, f"the cut-off replica used {share:.0%} of a core"
+        r.alive_or_fail()
+    finally:
+        proxy.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -63,6 +63,7 @@ class Task:
     finish: ExecutionFinish | None = None
     days_total: int = 0                 # HISTORY: how many days the request has
     day_results: tuple[Any, ...] = ()   # HISTORY: what the earlier days returned
+    exclusive: bool = False             # the job does not allow overlap
 
 
 @dataclass(frozen=True)
@@ -356,11 +357,17 @@ def _execute(task: Task, driver: Any, state: _ChildState, config: ChildConfig,
                      as_of=task.as_of, scheduled_for=task.scheduled_for, logger=logger, _cancel=state.cancel,
                      _connect=connect)
     outcome: dict[str, Any] = {"ok": True}
+    locked: list[Any] = []
     try:
         if task.handler.startswith("sql:"):
             refusal = rq.refused_keys(task.unvetted, ())
             if refusal is not None:
                 raise refusal
+            if task.exclusive:
+                # A stopped run's server session may still be in its call: wait for it here.
+                if not driver.execution_lock(ctx.connection, task.mapref, timeout_s=MAPREF_LOCK_WAIT_S):
+                    raise MaprefBusy(f"an earlier run of {task.mapref} is still running on the database server")
+                locked.append(ctx._connection)
             args = [task.prcid] + [task.params.get(f"param{i}") for i in range(1, 11)]
             # A procedure gets truncate_flag only when its job opts in (DMS_JOB.params.truncate_arg):
             # procedures written for (prcid, param1..param10) keep working.
@@ -384,6 +391,8 @@ def _execute(task: Task, driver: Any, state: _ChildState, config: ChildConfig,
                                                     verified))
     except LostOwnership as exc:
         outcome = {"ok": False, "lost": True, "error": str(exc)}
+    except MaprefBusy as exc:
+        outcome = {"ok": False, "busy": True, "error": str(exc)}
     except JobCancelled as exc:
         outcome = {"ok": False, "cancelled": True, "error": str(exc)}
     except rq.BadRequest as exc:
@@ -394,6 +403,12 @@ def _execute(task: Task, driver: Any, state: _ChildState, config: ChildConfig,
         # The log gets everything (the statement, the traceback); the tables the one line.
         logger.warning("execution %s of %s failed: %s", task.prcid, task.mapref, message, exc_info=True)
     finally:
+        for connection in locked:
+            try:
+                connection.rollback()       # whatever is left: the lock is a session's, not a transaction's
+                driver.execution_unlock(connection, task.mapref)
+            except Exception:  # noqa: BLE001 - closing the session below releases it too
+                pass
         if ctx._connection is not None:
             try:
                 ctx._connection.close()
@@ -404,6 +419,13 @@ def _execute(task: Task, driver: Any, state: _ChildState, config: ChildConfig,
     outcome.update(srcrows=ctx.srcrows, trgrows=ctx.trgrows, errrows=ctx.errrows,
                    rejects=ctx.rejects, rejects_dropped=ctx.rejects_dropped)
     return outcome
+
+
+MAPREF_LOCK_WAIT_S = 5.0
+
+
+class MaprefBusy(RuntimeError):
+    """The mapref's server-side exclusivity is still held by an earlier run's session."""
 
 
 class LostOwnership(RuntimeError):

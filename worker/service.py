@@ -189,6 +189,8 @@ class SchedulerService:
         if self.liveness.registered:
             self._run("producer", self.producer.tick, now)
         self._listener_upkeep(now)
+        if self._listener is not None:
+            self._listener.demand(0 if self._draining else self.producer.ready_slots())
 
     def _schedule(self, now: float) -> None:
         try:
@@ -263,18 +265,25 @@ class SchedulerService:
 
     def _wait(self) -> None:
         now = time.monotonic()
-        wakes = [self.producer.next_wake(), self.completer.next_wake(),
-                 *(b.next_try for b in self._backoff.values() if b.failures)]
+        active: list[tuple[str, Any]] = [("completer", self.completer)]
+        if self.liveness.registered:
+            active.append(("producer", self.producer))
+            if not self._draining:
+                active.append(("leadership", self.leadership))
+        if self.leadership.leading(now):
+            active += [("scheduler", self.scheduler), ("maintenance", self.maintenance)]
+        wakes = []
+        for name, service in active:
+            wake, backoff = service.next_wake(), self._backoff.get(name)
+            # A service that failed waits out its back-off, whatever it would like.
+            wakes.append(max(wake, backoff.next_try) if backoff is not None and backoff.failures else wake)
         if self._listener is None and self.config.wakeup == "auto" and not self._draining:
             wakes.append(self._next_listener)
         if self._draining:
             wakes.append(self._drain_deadline or now)
-        else:
-            wakes.append(self.leadership.next_wake())
-        if self.leadership.leading(now):
-            wakes += [self.scheduler.next_wake(), self.maintenance.next_wake()]
+        wakes += self.executor.deadlines()  # stopped executions to kill, timeouts
         if not self.liveness.registered:
-            wakes.append(now + 0.05)       # the heartbeat thread is registering us
+            wakes.append(now + 0.2)        # the heartbeat thread is registering us
         timeout = max(0.0, min(min(wakes), now + self.config.poll_interval) - now)
         waitables: list[Any] = [self._wake_r, *self.executor.waitables()]
         if self._listener is not None:

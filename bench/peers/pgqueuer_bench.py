@@ -48,6 +48,8 @@ from _util import (
     spawn,
     stop,
     summary_ms,
+    table_writes,
+    tree_cpu_seconds,
     wait_until,
     write_json,
 )
@@ -127,22 +129,30 @@ def burndown(args) -> None:
             check_alive(procs)
             return scalar(url, "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'")
 
+        tables = ["pgqueuer", "pgqueuer_log", "pgqueuer_statistics"]
+        writes0 = table_writes(lambda sql: scalar(url, sql), tables)
         t0 = time.monotonic()
         procs += [spawn(__file__, *consumer_args(url, args.driver, batch, max_tasks)) for _ in range(args.consumers)]
         try:
             wait_until(done, 120, "the first job")
             t_first = time.monotonic()
+            cpu0 = tree_cpu_seconds([p.pid for p in procs])
             wait_until(lambda: done() == args.jobs, 1800, "the burn-down", interval=0.2)
             t_end = time.monotonic()
+            cpu = tree_cpu_seconds([p.pid for p in procs]) - cpu0
         finally:
             stop(procs)
+        writes = {k: v - writes0[k] for k, v in table_writes(lambda sql: scalar(url, sql), tables).items()}
         rec = records(url)
         rows.append({"system": f"pgqueuer {pgqueuer.__version__}", "config": f"batch_size={batch}, max_concurrent_tasks="
                      f"{max_tasks or 'None'}", "jobs": args.jobs, "consumers": args.consumers,
                      "seconds_from_first_job": round(t_end - t_first, 2),
                      "jobs_per_s": round(args.jobs / (t_end - t_first), 1),
                      "jobs_per_s_from_start": round(args.jobs / (t_end - t0), 1),
-                     "startup_s": round(t_first - t0, 2), "log_rows": rec["log_rows"],
+                     "startup_s": round(t_first - t0, 2),
+                     "worker_cpu_ms_per_job": round(1000 * cpu / max(1, args.jobs - 1), 3),
+                     "rows_per_job": "/".join(f"{k} {writes[k] / args.jobs:.2f}" for k in ("ins", "upd", "del")),
+                     "log_rows": rec["log_rows"],
                      "statistics_rows": rec["statistics_rows"]})
         details.append({**rows[-1], "batch_size": batch, "max_concurrent_tasks": max_tasks or None, "records": rec})
     print_table(f"Burn-down, async noop, PgQueuer {pgqueuer.__version__} ({args.driver}), "

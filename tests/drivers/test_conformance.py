@@ -530,3 +530,24 @@ def test_the_replicas_own_statements_wait_no_longer_than_their_bound(pg_url):
         blocker.rollback()
         blocker.close()
         d.dispose()
+
+
+def test_a_maprefs_server_side_lock_is_held_by_one_session_at_a_time(pg_url):
+    """Issue 12.6 on PostgreSQL: the lock a sql: handler's session takes for a no-overlap mapref
+    keeps the next run out for as long as that session is in its call, across commits."""
+    from worker.drivers import make_driver
+    d = make_driver(pg_url)
+    try:
+        with d.engine.connect() as first, d.engine.connect() as second:
+            assert d.execution_lock(first, "NIGHTLY", timeout_s=0)
+            first.commit()                              # a procedure that commits as it goes
+            t0 = time.monotonic()
+            assert not d.execution_lock(second, "NIGHTLY", timeout_s=0.3)
+            assert time.monotonic() - t0 >= 0.3
+            assert d.execution_lock(second, "OTHER", timeout_s=0)
+            d.execution_unlock(first, "NIGHTLY")
+            assert d.execution_lock(second, "NIGHTLY", timeout_s=1)
+            d.execution_unlock(second, "NIGHTLY")
+            d.execution_unlock(second, "OTHER")
+    finally:
+        d.dispose()

@@ -11,6 +11,7 @@ PL/SQL blocks) and avoid the traps listed in NOTES.md.
 from __future__ import annotations
 
 import itertools
+import time
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -210,11 +211,12 @@ class Queue:
     def __init__(self, name: str) -> None:
         import queue
         import types
-        self.name, self.messages, self.cancelled = name, queue.Queue(), False
+        self.name, self.messages, self.cancelled, self.sizes = name, queue.Queue(), False, []
         self.deqoptions = types.SimpleNamespace(wait=None, visibility=None)
 
     def deqmany(self, n: int) -> list[Any]:
         import queue
+        self.sizes.append(n)
         if self.cancelled:
             raise RuntimeError("DPY-4011: cancelled")
         try:
@@ -325,6 +327,11 @@ def _scenarios(d: OracleDriver, rec: Recorder) -> dict[str, Any]:
             d.execution_complete_tx(conn, finish, lock_timeout_s=1.0)
             d.request_owned_tx(conn, "r1", W, lock_timeout_s=1.0)
 
+    def mapref_lock():
+        with d.engine.connect() as conn:
+            d.execution_lock(conn, "M", timeout_s=5)
+            d.execution_unlock(conn, "M")
+
     def scripts():
         rec.var_value = 0
         with d.engine.connect() as conn:
@@ -350,6 +357,7 @@ def _scenarios(d: OracleDriver, rec: Recorder) -> dict[str, Any]:
         "execution_annotate_many": lambda: d.execution_annotate_many([ExecutionAnnotate(7, {"param1": "x"}, "12,34")]),
         "execution_finish_many": lambda: d.execution_finish_many([finish]),
         "execution_complete_tx": complete_tx,
+        "execution_lock": mapref_lock,
         "request_resolve_many": lambda: d.request_resolve_many([
             RequestResolve("r1", W, s.NEW, refund_attempt=True, retry_delay_s=30), RequestResolve("r2", W, s.FAILED, "{}")]),
         "history_days_done": lambda: d.history_days_done("r1"),
@@ -450,7 +458,8 @@ def test_every_verb_of_the_interface_is_driven(odriver, rec, issued):
     assert verbs <= {i.verb for i in issued} | {"listener"}, "a scenario issued nothing"
     public = {n for n in dir(OracleDriver) if not n.startswith("_") and callable(getattr(OracleDriver, n))}
     covered = {"now", "job_get_many", "request_claim", "execution_open", "execution_annotate_many",
-               "execution_finish_many", "execution_complete_tx", "request_owned_tx", "request_resolve_many", "history_days_done",
+               "execution_finish_many", "execution_complete_tx", "request_owned_tx", "execution_lock",
+               "execution_unlock", "request_resolve_many", "history_days_done",
                "request_stop", "request_stop_flags", "worker_register", "worker_heartbeat", "worker_unregister",
                "request_rescue", "request_release_orphans", "schedule_list", "occurrence_enqueue", "request_prune",
                "execution_prune", "queue_depth", "cluster_status", "leader_lease_take", "leader_lease_renew",
@@ -795,3 +804,43 @@ def test_history_days_done_never_counts_a_null_day(odriver, rec):
     """'' is NULL on Oracle: a log row without a day is no day done."""
     rec.mode("found")                                   # the stand-in answers param1 = NULL
     assert odriver.history_days_done("r1") == set()
+
+
+def test_a_server_side_call_holds_its_maprefs_lock_in_its_own_session(odriver, rec):
+    """Issue 12.6: the id is the mapref's, derived from the schema like the leader's, requested
+    with a timeout on the execution's session (not the pool's) and kept across commits."""
+    from worker.drivers.oracle import lock_id
+    rec.mode("found")
+    rec.current_schema = "DMS"
+    rec.var_value = 1                       # DBMS_LOCK.REQUEST: 1 = timeout (an earlier call holds it)
+    with odriver.engine.connect() as conn:
+        assert odriver.execution_lock(conn, "NIGHTLY", timeout_s=5) is False
+        rec.var_value = 0
+        assert odriver.execution_lock(conn, "NIGHTLY", timeout_s=5) is True
+        odriver.execution_unlock(conn, "NIGHTLY")
+    requests = [i for i in rec.issued if "DBMS_LOCK.REQUEST" in i.sql]
+    assert requests and all("release_on_commit => FALSE" in i.sql for i in requests)
+    assert rec.lock_ids[:2] == [lock_id("DMS", "mapref:NIGHTLY")] * 2
+    assert lock_id("DMS", "mapref:NIGHTLY") not in (lock_id("DMS", "leader"), lock_id("OTHER", "mapref:NIGHTLY"))
+
+
+def test_the_aq_listener_takes_wake_ups_only_for_the_slots_it_has(rec):
+    """Issue 12.7: a replica with no free slot leaves the single-consumer wake-ups to others."""
+    from multiprocessing.connection import wait
+
+    from worker.drivers.oracle import AqListener
+
+    conn = DBAPIConn(rec)
+    listener = AqListener(lambda: conn, "DMS_OWNER.DMS_WAKEUP_Q")
+    try:
+        queue = conn.queues["DMS_OWNER.DMS_WAKEUP_Q"]
+        listener.demand(0)
+        time.sleep(0.1)
+        queue.messages.put(b"dms_prcreq")
+        assert wait([listener], 1.0) == [], "no free slot: the message stays for another replica"
+        assert queue.messages.qsize() == 1
+        listener.demand(3)
+        assert wait([listener], 5) == [listener]
+        assert queue.sizes[-1] == 3, "asks for as many wake-ups as it has free slots"
+    finally:
+        listener.close()

@@ -343,6 +343,19 @@ class SQLDriver:
         error) and returns what it set them to."""
         raise NotImplementedError(f"sql: handlers are not supported on {self.name}")
 
+    def execution_lock(self, conn: Connection, mapref: str, timeout_s: float) -> bool:
+        """Take ``mapref``'s exclusivity in ``conn``'s own session (held across commits until
+        ``execution_unlock`` or the session's end); False if still held after ``timeout_s``.
+
+        For calls that run on the server (``sql:`` handlers): a stopped execution's process is
+        gone at once, but its server session may go on with the call (a procedure that swallows
+        the cancel, a server busy elsewhere) and commit. The next run of the mapref waits for
+        that session here, not just for the request row's ``excl_key``."""
+        return True
+
+    def execution_unlock(self, conn: Connection, mapref: str) -> None:
+        """Release what ``execution_lock`` took (before the connection goes back to the pool)."""
+
     def run_script(self, conn: Connection, script: str) -> None:
         raise NotImplementedError
 
@@ -991,6 +1004,10 @@ class Listener:
 
     def drain(self) -> list[tuple[str, str]]:
         raise NotImplementedError
+
+    def demand(self, free_slots: int) -> None:
+        """How many requests this replica could start now (a channel whose wake-ups are taken
+        one per listener, like an AQ queue, leaves them to idle replicas while this is 0)."""
 
     def close(self) -> None:
         pass

@@ -109,11 +109,12 @@ def procedure_sql(name: str, nargs: int, counts: bool) -> str:
 
 
 def lock_id(schema: str, purpose: str) -> int:
-    """The DBMS_LOCK id of ``purpose`` ('leader', 'migration') for the tables in ``schema``.
+    """The DBMS_LOCK id of ``purpose`` ('leader', 'migration', or 'mapref:NAME') for the tables
+    in ``schema``.
 
     Stable across processes and versions (SHA-256, not Python's salted hash); a DBA finds it
     in V$LOCK (type UL, ID1) and ``dms-worker doctor`` prints it."""
-    if purpose not in LOCK_PURPOSES:
+    if purpose not in LOCK_PURPOSES and not purpose.startswith("mapref:"):
         raise ValueError(f"unknown lock purpose {purpose!r}")
     digest = hashlib.sha256(f"dms-worker:{purpose}:{schema.upper()}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % (LOCK_ID_MAX + 1)
@@ -426,6 +427,24 @@ class OracleDriver(SQLDriver):
         out = result.out_parameters
         return tuple(None if out.get(k) is None else int(out[k]) for k in _COUNT_BINDS)
 
+    def execution_lock(self, conn: Connection, mapref: str, timeout_s: float) -> bool:
+        """``DBMS_LOCK.REQUEST`` in the execution's own session on the mapref's id, kept across
+        commits: held until released, or until the server has really ended that session's call."""
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            ident = lock_id(current_schema(cursor), f"mapref:{mapref}")
+            return _lock_request(cursor, ident, timeout_s=max(0, int(round(timeout_s))), quiet=True) != _LOCK_TIMEOUT
+        finally:
+            cursor.close()
+
+    def execution_unlock(self, conn: Connection, mapref: str) -> None:
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            ident = lock_id(current_schema(cursor), f"mapref:{mapref}")
+            cursor.execute(LOCK_RELEASE_SQL, result=cursor.var(int), lock_id=ident)
+        finally:
+            cursor.close()
+
     def run_script(self, conn: Connection, script: str) -> None:
         """Run a migration statement by statement, resuming one that stopped half-way.
 
@@ -481,13 +500,14 @@ class OracleDriver(SQLDriver):
         return super().is_transient(exc)
 
 
-def _lock_request(cursor: Any, lock_id: int, timeout_s: int) -> int:
+def _lock_request(cursor: Any, lock_id: int, timeout_s: int, quiet: bool = False) -> int:
+    """DBMS_LOCK.REQUEST's result; a timeout with ``timeout_s`` > 0 raises unless ``quiet``."""
     result = cursor.var(int)
     cursor.execute(LOCK_REQUEST_SQL, result=result, lock_id=lock_id, timeout_s=timeout_s)
     code = result.getvalue()
     if code in _LOCK_ERRORS:
         raise RuntimeError(f"DBMS_LOCK.REQUEST({lock_id}) failed: {_LOCK_ERRORS[code]} ({code})")
-    if code == _LOCK_TIMEOUT and timeout_s > 0:
+    if code == _LOCK_TIMEOUT and timeout_s > 0 and not quiet:
         raise RuntimeError(f"DBMS_LOCK.REQUEST({lock_id}) timed out after {timeout_s}s")
     return code
 
@@ -495,7 +515,12 @@ def _lock_request(cursor: Any, lock_id: int, timeout_s: int) -> int:
 class AqListener(Listener):
     """Waits on the AQ wake-up queue in a thread with its own connection (a waiting dequeue
     blocks its connection) and signals the control loop through a socket pair, so it can sit
-    in the same ``select`` as everything else."""
+    in the same ``select`` as everything else.
+
+    The queue has one consumer: each wake-up message goes to one listener. A replica with no
+    free slot stops dequeuing (``demand``), and one with free slots takes at most that many, so
+    the wake-ups reach the replicas that can act on them.
+    """
 
     wait_s = 5
 
@@ -507,6 +532,9 @@ class AqListener(Listener):
         self._error: BaseException | None = None
         self._on_error = on_error
         self._started = time.monotonic()
+        self._free = 1
+        self._wanted = threading.Event()
+        self._wanted.set()
         self.conn = connect()
         try:
             queue = self.conn.queue(queue_name)
@@ -523,8 +551,10 @@ class AqListener(Listener):
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if not self._wanted.wait(0.5):
+                continue                            # no free slot: leave the wake-ups to others
             try:
-                messages = self.queue.deqmany(100)
+                messages = self.queue.deqmany(max(1, min(self._free, 100)))
             except Exception as exc:  # noqa: BLE001 - reported through drain()
                 if not self._stop.is_set():
                     self._error = exc
@@ -535,6 +565,13 @@ class AqListener(Listener):
                 return
             if messages:
                 self._signal(b"x")
+
+    def demand(self, free_slots: int) -> None:
+        self._free = free_slots
+        if free_slots > 0:
+            self._wanted.set()
+        else:
+            self._wanted.clear()
 
     def _signal(self, byte: bytes) -> None:
         with contextlib.suppress(OSError):
@@ -554,6 +591,7 @@ class AqListener(Listener):
 
     def close(self) -> None:
         self._stop.set()
+        self._wanted.set()
         with contextlib.suppress(Exception):
             self.conn.cancel()                      # interrupts a waiting dequeue
         self._thread.join(timeout=self.wait_s + 1)

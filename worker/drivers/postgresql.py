@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from datetime import timedelta
 from typing import Any, Iterator, Sequence
 
@@ -364,6 +365,20 @@ class PostgresDriver(SQLDriver):
             return None
         row = result.first()
         return tuple(row[-3:]) if row is not None else (None, None, None)
+
+    def execution_lock(self, conn: Connection, mapref: str, timeout_s: float) -> bool:
+        key = sa.func.hashtextextended(sa.literal("dms-worker:mapref:") + sa.func.current_schema() + ":" + mapref, 0)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def execution_unlock(self, conn: Connection, mapref: str) -> None:
+        key = sa.func.hashtextextended(sa.literal("dms-worker:mapref:") + sa.func.current_schema() + ":" + mapref, 0)
+        conn.execute(sa.select(sa.func.pg_advisory_unlock(key)))
 
     def run_script(self, conn: Connection, script: str) -> None:
         # Without parameters psycopg sends the text as one simple query: several statements,

@@ -147,20 +147,20 @@ class Producer:
                       if f.started is not None and not f.annotated]
         if self._terminate or self._stop_flagged or any(f.open_next for f in self.flights.values()):
             return 0.0
-        if self.maybe_work and not self.draining and self._ready_slots() > 0:
+        if self.maybe_work and not self.draining and self.ready_slots() > 0:
             return 0.0
         return min(times)
 
     def idle(self) -> bool:
         return not self.flights
 
-    def _ready_slots(self) -> int:
+    def ready_slots(self) -> int:
         waiting = sum(f.open_next for f in self.flights.values())
         return max(0, len(self.executor.idle_slots()) - waiting)
 
     # -- claims -------------------------------------------------------------------------------------
     def _claim(self, now: float) -> None:
-        limit = self._ready_slots()
+        limit = self.ready_slots()
         control_types = s.CONTROL_TYPES if self.leading() else (s.STOP,)
         # With no ready slot only control requests are claimed: job rows may still wait.
         self.maybe_work = limit == 0
@@ -248,7 +248,7 @@ class Producer:
                     request_type=req.request_type, handler=flight.job.handler, attempt=req.attempts, params=params,
                     payload=flight.work.payload, as_of=day or flight.as_of, scheduled_for=req.scheduled_for,
                     unvetted=flight.work.unvetted, finish=finish, days_total=total,
-                    day_results=tuple(flight.day_results))
+                    day_results=tuple(flight.day_results), exclusive=not flight.job.allow_overlap)
         flight.slot, flight.started, flight.annotated, flight.sessionid = slot, now, False, None
         self.executor.run(slot, task, flight.job.timeout_s)
         pickup = None
@@ -397,6 +397,12 @@ class Producer:
         rid = flight.req.request_id
         if data.get("recorded"):                # committed with the handler's own work
             self._ended(flight, now, "completed", data.get("result"))
+        elif data.get("busy"):
+            # An earlier run's server session still holds the mapref: try again in a moment,
+            # without counting an attempt.
+            log.warning("request %s: %s; handed back", rid, data.get("error"))
+            self._hand_back(flight, data.get("error") or "mapref busy", now, retry_delay_s=5.0)
+            self.wake_at(now + 5.1)
         elif data.get("lost"):
             log.warning("request %s was no longer ours when it ended (rescued?); its work was rolled back", rid)
             self.flights.pop(rid, None)
@@ -447,11 +453,12 @@ class Producer:
             self._record(flight, s.LOG_FAILED, error, data, s.FAILED, now, error=(errtyp, error, dberror),
                          result_payload=dumps({"error": error, "attempts": req.attempts, **day}), outcome=outcome)
 
-    def _hand_back(self, flight: Flight, reason: str, now: float) -> None:
+    def _hand_back(self, flight: Flight, reason: str, now: float, retry_delay_s: float = 0.0) -> None:
         self.flights.pop(flight.req.request_id, None)
         if flight.running:
             self._kill(flight, now)
-        self._record(flight, s.STOPPED, reason, {}, s.NEW, now, refund=True, outcome="handed_back")
+        self._record(flight, s.STOPPED, reason, {}, s.NEW, now, refund=True, outcome="handed_back",
+                     retry_delay_s=retry_delay_s)
 
     def _record(self, flight: Flight, log_status: str, msg: str | None, data: dict[str, Any],
                 request_status: str | None, now: float, *, error: tuple[str, str, str | None] | None = None,
