@@ -156,15 +156,14 @@ class SchedulerService:
             self.executor.start()
             self._liveness_thread = self.liveness.run_in_thread(time.monotonic, self._liveness_stop,
                                                                 self._liveness_error)
-            log.info("replica %s starting: %d slots, database %s", self.worker_id, self.config.max_workers,
-                     self.config.safe_url)
             announced = False
             while not self._finished():
                 now = time.monotonic()
                 self._progress = now
                 if self.liveness.registered and not announced:
                     announced = True
-                    log.info("replica %s started", self.worker_id)
+                    log.info("replica %s started: %d slots, database %s", self.worker_id, self.config.max_workers,
+                             self.config.safe_url)
                 self._iteration(now)
                 self._wait()
             self._shutdown()
