@@ -10,7 +10,7 @@ finished history as a whole. Times come from and are compared with the database 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -164,9 +164,8 @@ _LIST_COLUMNS = ("request_id", "mapref", "request_type", "status", "requested_at
                  "completed_at", "attempts", "priority", "unique_key", "not_before", "jobschid", "scheduled_for")
 
 
-def request_page(conn: Connection, f: RequestFilter, *, limit: int = PAGE_DEFAULT,
-                 cursor: str | None = None) -> dict[str, Any]:
-    """One page of requests, newest first, and the cursor of the next page (None at the end).
+def request_query(f: RequestFilter, *, limit: int = PAGE_DEFAULT, cursor: str | None = None) -> sa.Select:
+    """The statement behind one page of the request list (``docs/console.md`` shows its plans).
 
     Keyset paging: the next page starts strictly after the last row's (requested_at,
     request_id), so a page costs the same at row 10 and at row 1,000,000, and rows arriving
@@ -192,8 +191,14 @@ def request_page(conn: Connection, f: RequestFilter, *, limit: int = PAGE_DEFAUL
         t, rid = decode_cursor(cursor)
         where.append(c.requested_at <= t)
         where.append(sa.or_(c.requested_at < t, c.request_id < rid))
-    rows = conn.execute(sa.select(*(c[n] for n in _LIST_COLUMNS)).where(*where)
-                        .order_by(c.requested_at.desc(), c.request_id.desc()).limit(limit + 1)).mappings().all()
+    return (sa.select(*(c[n] for n in _LIST_COLUMNS)).where(*where)
+            .order_by(c.requested_at.desc(), c.request_id.desc()).limit(limit + 1))
+
+
+def request_page(conn: Connection, f: RequestFilter, *, limit: int = PAGE_DEFAULT,
+                 cursor: str | None = None) -> dict[str, Any]:
+    """One page of requests, newest first, and the cursor of the next page (None at the end)."""
+    rows = conn.execute(request_query(f, limit=limit, cursor=cursor)).mappings().all()
     more = len(rows) > limit
     rows = [dict(r) for r in rows[:limit]]
     paused = paused_jobs(conn) if any(r["status"] == s.NEW for r in rows) else set()

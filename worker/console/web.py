@@ -203,8 +203,9 @@ def create_blueprint(database: str | Engine, *, auth: ConsoleAuth | None = None,
 
     # -- helpers -------------------------------------------------------------------------------
     def wants_json() -> bool:
+        accept = request.headers.get("Accept", "")
         return (request.args.get("format") == "json"
-                or request.accept_mimetypes.best_match(["text/html", "application/json"]) == "application/json"
+                or ("application/json" in accept and "text/html" not in accept)
                 or request.headers.get("Authorization", "").lower().startswith("bearer "))
 
     def page(template: str, live: str, **context):
