@@ -230,7 +230,7 @@ def create_blueprint(database: str | Engine, *, auth: ConsoleAuth | None = None,
                 try:
                     result = func(**kw)
                 except LookupError as exc:
-                    abort(404, str(exc).strip("'\""))
+                    abort(404, exc.args[0] if exc.args else str(exc))
                 except (client.ActionRefused, ValueError, data.BadFilter) as exc:
                     if wants_json():
                         return jsonify(ok=False, error=str(exc)), 409
