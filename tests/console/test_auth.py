@@ -202,12 +202,14 @@ def test_session_cookie_and_security_headers(console):
 def test_redirects_stay_on_the_site(console, failed):
     c = console()
     login(c, "olga", OPERATOR_PW)
-    response = c.post(f"/requests/{failed}/retry", data={"csrf_token": csrf(c), "next": "//evil.example/x"})
-    assert response.headers["Location"] == f"/requests/{failed}"
-    fresh = console()
-    response = fresh.post("/login", data={"csrf_token": csrf(fresh, "/login"), "username": "olga",
-                                          "password": OPERATOR_PW, "next": "https://evil.example/"})
-    assert response.headers["Location"] == "/"
+    for evil in ("//evil.example/x", "/\\evil.example/x", "https://evil.example/"):
+        response = c.post(f"/requests/{failed}/cancel", data={"csrf_token": csrf(c), "next": evil})
+        assert response.headers["Location"] == f"/requests/{failed}", evil
+    for evil in ("https://evil.example/", "/\\evil.example"):
+        fresh = console()
+        response = fresh.post("/login", data={"csrf_token": csrf(fresh, "/login"), "username": "olga",
+                                              "password": OPERATOR_PW, "next": evil})
+        assert response.headers["Location"] == "/", evil
 
 
 # -- no credentials: loopback only ---------------------------------------------------------------------

@@ -36,6 +36,13 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
+def safe_path(target: str | None, default: str) -> str:
+    """Only a path on this site: never an open redirect ('//host' and '/\\host' are other sites)."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return default
+
+
 @dataclass
 class Identity:
     who: str
@@ -218,9 +225,7 @@ def create_blueprint(database: str | Engine, *, auth: ConsoleAuth | None = None,
         return engines.read.connect()
 
     def back(default: str) -> str:
-        target = request.form.get("next") or ""
-        # Only a path on this site: never an open redirect.
-        return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else default
+        return safe_path(request.form.get("next"), default)
 
     def act(message: Callable[[], str], default_next: Callable[[], str]):
         """Run an action; answer with JSON (scripts) or a flash message and a redirect (browsers)."""
@@ -231,10 +236,13 @@ def create_blueprint(database: str | Engine, *, auth: ConsoleAuth | None = None,
                     result = func(**kw)
                 except LookupError as exc:
                     abort(404, exc.args[0] if exc.args else str(exc))
-                except (client.ActionRefused, ValueError, data.BadFilter) as exc:
+                except (client.ActionRefused, ValueError, sa.exc.IntegrityError) as exc:
+                    # A race the conditional UPDATE lost (e.g. a unique key taken meanwhile) is
+                    # refused like any other: one line, the database's own words.
+                    text = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
                     if wants_json():
-                        return jsonify(ok=False, error=str(exc)), 409
-                    flash(str(exc), "error")
+                        return jsonify(ok=False, error=text), 409
+                    flash(text, "error")
                     return redirect(back(default_next(**kw)))
                 text = message(**kw) if result is None else result
                 log.info("console: %s by %s", text, g.identity.who)
@@ -251,9 +259,7 @@ def create_blueprint(database: str | Engine, *, auth: ConsoleAuth | None = None,
     # -- login ---------------------------------------------------------------------------------
     @bp.route("/login", methods=["GET", "POST"])
     def login():
-        target = request.values.get("next") or url_for(f"{name}.overview")
-        if not (target.startswith("/") and not target.startswith("//")):
-            target = url_for(f"{name}.overview")
+        target = safe_path(request.values.get("next"), url_for(f"{name}.overview"))
         if not auth.has_login:
             return redirect(target)
         error = None
