@@ -108,7 +108,6 @@ def main() -> None:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1360, "height": 860})
             page.goto(base + "/login")
-            page.screenshot(path=str(out / "console-login.png"))
             page.fill("input[name=username]", "olga")
             page.fill("input[name=password]", "screenshots-only")
             page.click("form.login button")
@@ -119,7 +118,8 @@ def main() -> None:
                                ("/schedules", "console-schedules.png"), ("/jobs", "console-jobs.png"),
                                ("/jobs/EMPLOYEE_IMPORT", "console-job.png")):
                 page.goto(base + path)
-                page.screenshot(path=str(out / file), full_page=True)
+                # Long pages: the first screenful says enough and keeps the repository small.
+                page.screenshot(path=str(out / file), full_page=file not in ("console-requests.png", "console-job.png"))
                 print(out / file)
             browser.close()
         driver.dispose()
