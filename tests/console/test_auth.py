@@ -246,6 +246,7 @@ def test_a_blueprint_under_a_prefix_with_the_host_applications_login(db_url, fai
     c = app.test_client()
     assert c.get("/").get_data(as_text=True) == "the host application"
     assert c.get("/ops/dms/requests?format=json").status_code == 401
+    assert c.get("/ops/dms/requests").status_code == 401       # no login of ours to redirect to
     current["role"] = "read-only"
     page = c.get(f"/ops/dms/requests/{failed}").get_data(as_text=True)
     assert 'href="/ops/dms/static/console.css"' in page and f'action="/ops/dms/requests/{failed}/retry"' in page

@@ -165,3 +165,16 @@ def test_sqlite_request_list_pages_use_an_index_for_their_order(driver):
             sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
             plan = " | ".join(str(r[-1]) for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
             assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, f"{name}: {plan}"
+
+
+def test_the_request_list_compiles_for_oracle_without_row_value_comparisons():
+    """Oracle has no (a, b) < (x, y): the keyset condition is spelled out, and the limit is
+    FETCH FIRST (no FOR UPDATE here, so that is allowed). Parsed as Oracle SQL by sqlglot."""
+    import sqlglot
+    from sqlalchemy.dialects import oracle
+    stmt = data.request_query(data.RequestFilter(status="FAILED", mapref="M"),
+                              cursor=data.encode_cursor(__import__("datetime").datetime(2026, 1, 1), "rid"))
+    sql = str(stmt.compile(dialect=oracle.dialect(), compile_kwargs={"literal_binds": True}))
+    assert "FETCH FIRST 51 ROWS ONLY" in sql and "FOR UPDATE" not in sql
+    assert "requested_at <=" in sql and "request_id <" in sql
+    sqlglot.parse_one(sql, read="oracle", error_level=sqlglot.ErrorLevel.RAISE)

@@ -150,6 +150,8 @@ def create_blueprint(database: str | Engine, *, auth: ConsoleAuth | None = None,
         if g.identity is None and request.endpoint != f"{name}.login":
             if wants_json():
                 abort(401, "log in first, or send Authorization: Bearer <DMS_CONSOLE_TOKEN>")
+            if not auth.has_login:      # only the host application's login: ours has nothing to offer
+                abort(401, "log in to the application first")
             return redirect(url_for(f"{name}.login", next=request.full_path.rstrip("?")))
         return None
 
