@@ -109,9 +109,35 @@ def write_cost(engine, n: int, rounds: int) -> None:
               f"(runs: {', '.join(f'{m:.2f}' for m, _ in runs)} ms)")
 
 
+def claim_plan(engine, rows: int) -> None:
+    """The replicas' claim (PostgresDriver's statement, under its connection's planner settings)
+    with ``rows`` NEW requests queued at three priorities and one paused job: it must walk the
+    claim index (priority DESC, not_before, requested_at) and stop after the batch."""
+    from worker.drivers.postgresql import _CLAIM_SQL
+    with engine.begin() as conn:
+        conn.execute(sa.text("""
+            INSERT INTO dms_prcreq (request_id, mapref, request_type, priority, requested_at, not_before)
+            SELECT 'new-' || lpad(g::text, 8, '0'), 'Q' || (g % 20), 'IMMEDIATE', (g % 3) * 5,
+                   timestamp '2026-01-01' + g * interval '1 millisecond', timestamp '2026-01-01'
+            FROM generate_series(1, :n) g"""), {"n": rows})
+        conn.execute(sa.text("INSERT INTO dms_job (mapref, handler, paused) VALUES ('Q10', 'x:y', 'Y')"))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE dms_prcreq"))
+    with engine.connect() as conn:
+        with conn.begin() as tx:
+            for setting in ("enable_sort = off", "enable_bitmapscan = off", "jit = off"):
+                conn.execute(sa.text(f"SET LOCAL {setting}"))
+            params = {"worker_id": "w-plan", "job_limit": 4, "control_types": ["STOP"], "control_limit": 10}
+            plan = "\n".join(r[0] for r in conn.execute(
+                sa.text("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + _CLAIM_SQL), params))
+            tx.rollback()
+    print(f"\n### The claim, {rows:,} NEW requests at priorities 0, 5 and 10, one job paused\n\n```\n{plan}\n```")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--claim", action="store_true", help="also show the claim's plan with --rows NEW requests")
     ap.add_argument("--write-cost", type=int, default=0, metavar="N",
                     help="also time N request lifecycles per round with and without V004's full indexes")
     args = ap.parse_args()
@@ -144,6 +170,8 @@ def main() -> None:
             show(conn, "One job's last 100 executions (jobs page)", c(
                 "SELECT prcid, status, strtdt, enddt FROM dms_prclog WHERE mapref = 'M7' "
                 "ORDER BY strtdt DESC, prcid DESC LIMIT 100"))
+        if args.claim:
+            claim_plan(driver.engine, args.rows)
         if args.write_cost:
             write_cost(driver.engine, args.write_cost, rounds=4)
         driver.dispose()
