@@ -255,3 +255,29 @@ def test_a_blueprint_under_a_prefix_with_the_host_applications_login(db_url, fai
     current["role"] = "operator"
     assert c.post(f"/ops/dms/requests/{failed}/retry", data={"csrf_token": token}).status_code == 302
     assert status_of(driver, failed) == s.NEW
+
+
+def test_the_app_for_a_wsgi_server_needs_credentials_and_can_require_https_cookies(sqlite_url, monkeypatch, tmp_path):
+    from worker.console import create_app_from_env
+    monkeypatch.chdir(tmp_path)
+    for var in ("DMS_CONSOLE_TOKEN", "DMS_CONSOLE_USERS_FILE", "DMS_CONSOLE_SECURE_COOKIE", "DMS_CONSOLE_SECRET_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DMS_DATABASE_URL", sqlite_url)
+    with pytest.raises(ValueError, match="DMS_CONSOLE_TOKEN"):
+        create_app_from_env()
+    monkeypatch.setenv("DMS_CONSOLE_TOKEN", TOKEN)
+    monkeypatch.setenv("DMS_CONSOLE_SECURE_COOKIE", "true")
+    app = create_app_from_env()
+    c = app.test_client()
+    response = login(c, token=TOKEN)
+    assert "Secure" in response.headers["Set-Cookie"]
+
+
+def test_a_prefix_moves_every_address(db_url, failed):
+    from worker.console import create_app
+    app = create_app(db_url, auth=make_auth(), prefix="/dms", secret_key="k")
+    c = app.test_client()
+    assert c.get("/requests", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
+    assert c.get("/dms/requests", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert c.get("/dms/static/console.js").status_code == 200
+    assert c.get("/dms/requests").headers["Location"].startswith("/dms/login")
