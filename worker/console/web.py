@@ -64,7 +64,9 @@ class _Engines:
             self.write = self.read = database
             return
         from ..drivers import make_driver
-        self.write = make_driver(database, schema=schema).engine
+        # Pre-ping: a console is idle for long stretches; after a database restart its first
+        # page should still answer rather than show the dead pooled connection's error.
+        self.write = make_driver(database, schema=schema, pre_ping=True).engine
         self.read = self.write
         if self.write.dialect.name == "sqlite":
             self.read = sa.create_engine(database, connect_args={"timeout": 10, "check_same_thread": False})
