@@ -5,10 +5,15 @@
 -- Times in the tables are UTC text 'YYYY-MM-DD HH:MM:SS.ffffff': compare them with
 -- strftime('%Y-%m-%d %H:%M:%f', 'now') || '000', never with localtime.
 
--- The request list (newest first, keyset-paged) and its filters: by time alone, by status, by
--- mapref. Each is walked in (requested_at, request_id) order and stops after a page.
+-- The request list (newest first, keyset-paged) and its filters: by time alone, by finished
+-- status, by mapref. Each is walked in (requested_at, request_id) order and stops after a page.
+-- The status index holds finished rows only: the replicas' own queries (claims, rescue) look
+-- for NEW, CLAIMED and PROCESSING rows and must keep using their own indexes, and a row enters
+-- it once, when it ends, not at every step of its life. Unfinished rows are few and recent:
+-- their lists walk dms_prcreq_requested_ix.
 CREATE INDEX dms_prcreq_requested_ix ON dms_prcreq (requested_at, request_id);
-CREATE INDEX dms_prcreq_status_ix ON dms_prcreq (status, requested_at, request_id);
+CREATE INDEX dms_prcreq_finished_ix ON dms_prcreq (status, requested_at, request_id)
+    WHERE status IN ('DONE', 'FAILED', 'CANCELLED');
 CREATE INDEX dms_prcreq_mapref_req_ix ON dms_prcreq (mapref, requested_at, request_id);
 -- Failures of the last day, without reading the finished history (partial: only failed rows).
 CREATE INDEX dms_prcreq_failed_ix ON dms_prcreq (completed_at) WHERE status = 'FAILED';
