@@ -722,27 +722,31 @@ def _add_job_parsers(sub, common: argparse.ArgumentParser) -> None:
     job = sub.add_parser("job", formatter_class=_HelpFormatter, help="Create or change a job (DMS_JOB); pause or resume one.",
                          description="Create or change a job (DMS_JOB); pause or resume one. "
                                      "`dms-worker job MAPREF [HANDLER] ...` is short for `job set`.")
-    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="COMMAND")
+    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="COMMAND",
+                                 help="set (also without the word: job MAPREF ...), pause, resume")
     p = job_sub.add_parser("set", formatter_class=_HelpFormatter, parents=[common], help="Create a job, or change only the fields given.",
-                           description="Create a job (HANDLER required), or change only the fields given.")
-    p.add_argument("mapref")
+                           description="Create a job (HANDLER required), or change only the fields given. "
+                                       "`dms-worker job pause|resume MAPREF` pauses or resumes one.")
+    p.add_argument("mapref", help="the job's name (DMS_JOB.mapref), what requests and schedules refer to")
     p.add_argument("handler", nargs="?", help="package.module:function or sql:PROCEDURE (required to create)")
     p.add_argument("--timeout", type=int, help="timeout_s: seconds before an execution is stopped")
     p.add_argument("--no-timeout", action="store_true", help="no timeout (timeout_s NULL)")
-    p.add_argument("--max-attempts", type=int, help="attempts before a request ends FAILED (default 1 on create)")
-    p.add_argument("--retry-delay", type=int, help="retry_delay_s, doubled per attempt (default 60 on create)")
+    p.add_argument("--max-attempts", type=int,
+                   help="attempts before a request ends FAILED; unchanged if not given, on creation (default: 1)")
+    p.add_argument("--retry-delay", type=int,
+                   help="retry_delay_s, seconds, doubled per attempt; on creation (default: 60)")
     p.add_argument("--allow-overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="let executions of this job overlap (default: one at a time)")
     p.add_argument("--enabled", action=argparse.BooleanOptionalAction, default=None,
                    help="--no-enabled disables the job: its requests fail (default on create: enabled)")
     p.add_argument("--disabled", dest="enabled", action="store_false", help="same as --no-enabled")
-    p.add_argument("--description")
+    p.add_argument("--description", help="free text")
     p.add_argument("--params", metavar="JSON", help="handler parameters, a JSON object; null clears them")
     p.set_defaults(func=cmd_job)
     for name, func, text in (("pause", cmd_job_pause, "Pause a job: its requests wait NEW until resumed."),
                              ("resume", cmd_job_resume, "Resume a paused job.")):
         p = job_sub.add_parser(name, formatter_class=_HelpFormatter, parents=[common], help=text, description=text)
-        p.add_argument("mapref")
+        p.add_argument("mapref", help="the job (DMS_JOB.mapref)")
         p.set_defaults(func=func)
 
 
@@ -750,12 +754,13 @@ def _add_requests_parsers(sub, common: argparse.ArgumentParser) -> None:
     PAGE_DEFAULT = 50      # worker.console.data.PAGE_DEFAULT; not imported: parsing stays cheap
     req = sub.add_parser("requests", formatter_class=_HelpFormatter, help="List, show, retry, cancel or stop requests (DMS_PRCREQ).",
                          description="List, show, retry, cancel or stop requests (DMS_PRCREQ).")
-    req_sub = req.add_subparsers(dest="requests_command", required=True, metavar="COMMAND")
+    req_sub = req.add_subparsers(dest="requests_command", required=True, metavar="COMMAND",
+                                 help="list, show, retry, cancel, stop")
     p = req_sub.add_parser("list", formatter_class=_HelpFormatter, parents=[common], help="Requests, newest first, filtered and paged.",
                            description="Requests, newest first, filtered and paged (keyset: --cursor from the "
                                        "previous page).")
     p.add_argument("--status", help="NEW, CLAIMED, PROCESSING, DONE, FAILED or CANCELLED")
-    p.add_argument("--mapref")
+    p.add_argument("--mapref", help="this job's requests only")
     p.add_argument("--type", help="IMMEDIATE, HISTORY, STOP or REFRESH_SCHEDULE")
     p.add_argument("--since", help="requested at or after (ISO date or timestamp; UTC unless it has an offset)")
     p.add_argument("--until", help="requested at or before (same format)")
@@ -767,7 +772,7 @@ def _add_requests_parsers(sub, common: argparse.ArgumentParser) -> None:
     p = req_sub.add_parser("show", formatter_class=_HelpFormatter, parents=[common], help="One request with its executions, counts and errors.",
                            description="One request: payload, result, every execution (DMS_PRCLOG) with its "
                                        "DMS_JOBLOG counts and DMS_JOBERR rows.")
-    p.add_argument("request_id")
+    p.add_argument("request_id", help="the request (DMS_PRCREQ.request_id)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_requests_show)
     for name, func, text in (
@@ -775,7 +780,7 @@ def _add_requests_parsers(sub, common: argparse.ArgumentParser) -> None:
             ("cancel", cmd_requests_cancel, "Cancel a waiting (NEW) request."),
             ("stop", cmd_requests_stop, "Stop a running request (through a STOP request).")):
         p = req_sub.add_parser(name, formatter_class=_HelpFormatter, parents=[common], help=text, description=text)
-        p.add_argument("request_id")
+        p.add_argument("request_id", help="the request (DMS_PRCREQ.request_id)")
         p.set_defaults(func=func)
 
 
@@ -790,15 +795,17 @@ def _add_schedule_parsers(sched_sub, common: argparse.ArgumentParser) -> None:
                              ("disable", cmd_schedule_disable, "Disable a schedule (schflg = 'N').")):
         p = sched_sub.add_parser(name, formatter_class=_HelpFormatter, parents=[common], help=text,
                                  description=text + " The leader rereads schedules at once.")
-        p.add_argument("jobschid", type=int)
+        p.add_argument("jobschid", type=int, help="the schedule (DMS_JOBSCH.jobschid of a current row)")
         p.set_defaults(func=func)
 
 
-_JOB_COMMANDS = {"set", "pause", "resume", "-h", "--help"}
+_JOB_COMMANDS = {"set", "pause", "resume"}
 
 
 def _job_shorthand(argv: Sequence[str]) -> list[str]:
-    """`dms-worker job MAPREF HANDLER ...` (the documented form) means `job set MAPREF HANDLER ...`."""
+    """`dms-worker job MAPREF HANDLER ...` (the documented form) means `job set MAPREF HANDLER ...`,
+    and `job --help` shows `job set`'s options (what people look for there; it names pause and
+    resume too)."""
     argv = list(argv)
     if len(argv) >= 2 and argv[0] == "job" and argv[1] not in _JOB_COMMANDS:
         argv.insert(1, "set")
