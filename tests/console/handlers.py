@@ -26,3 +26,6 @@ def import_rows(ctx) -> dict:
         ctx.reject(f"line {17 + line * 9}", "hire_date is not a date", "invalid input syntax for type date: \"31/02/2026\"")
     ctx.report(src=1200 + rejected, trg=1200)
     return {"rows": 1200}
+
+
+import_rows.request_keys = ("seconds", "rejected")     # a request may set these (the trust boundary)

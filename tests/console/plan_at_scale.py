@@ -127,7 +127,9 @@ def claim_plan(engine, rows: int) -> None:
         with conn.begin() as tx:
             for setting in ("enable_sort = off", "enable_bitmapscan = off", "jit = off"):
                 conn.execute(sa.text(f"SET LOCAL {setting}"))
-            params = {"worker_id": "w-plan", "job_limit": 4, "control_types": ["STOP"], "control_limit": 10}
+            # The binds PostgresDriver.request_claim gives for four free slots.
+            params = {"worker_id": "w-plan", "job_limit": 4, "scan_limit": 3 * 4 + 5, "control_types": ["STOP"],
+                      "control_limit": 10}
             plan = "\n".join(r[0] for r in conn.execute(
                 sa.text("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + _CLAIM_SQL), params))
             tx.rollback()
