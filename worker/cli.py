@@ -1,5 +1,5 @@
 """The ``dms-worker`` command (also ``python -m worker``): run, migrate, enqueue, stop, status,
-job, supervise, demo and schedule preview. Parsing and printing only; the work is done elsewhere.
+job, requests, console, supervise, demo and schedule preview/list/enable/disable. Parsing and printing only; the work is done elsewhere.
 
 Importing this module is cheap on purpose (the standard library only; SQLAlchemy and the rest
 are imported by the commands): ``run`` installs its SIGTERM handler before anything slow
@@ -173,7 +173,13 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         mapref = REFRESH_MAPREF
     driver = _driver(_config(args))
     _require_schema(driver)
-    rid = enqueue(driver.engine, mapref, request_type=request_type, payload=payload, request_id=args.request_id)
+    from .client import DuplicateRequest
+    try:
+        rid = enqueue(driver.engine, mapref, request_type=request_type, payload=payload,
+                      request_id=args.request_id, priority=args.priority, unique_key=args.unique_key,
+                      on_duplicate="refuse" if args.refuse_duplicate else "merge")
+    except (DuplicateRequest, ValueError) as exc:
+        raise SystemExit(f"dms-worker: {exc}")
     print(rid, flush=True)     # at once: a reader (`| head -1`) need not wait for --wait
     if args.wait:
         row = _wait_terminal(driver, rid, args.wait)
@@ -249,15 +255,252 @@ def _nothing_to_stop(why: str) -> int:
     return 1
 
 
-def cmd_job(args: argparse.Namespace) -> int:
-    from .client import register_job
+# -- job, requests, schedule list/enable/disable, console: the operator's commands ------------------
+# Each is a thin shell over worker.client (actions) or worker.console.data (reads): the web
+# console calls the same functions, so both leave and show the same rows.
+def _operator_driver(args: argparse.Namespace):
     driver = _driver(_config(args))
     _require_schema(driver)
-    register_job(driver.engine, args.mapref, args.handler, timeout_s=args.timeout, max_attempts=args.max_attempts,
-                 retry_delay_s=args.retry_delay, allow_overlap=args.allow_overlap, enabled=not args.disabled,
-                 description=args.description)
-    print(f"job {args.mapref} -> {args.handler}")
+    return driver
+
+
+def _act(action: Callable[[], Any]) -> Any:
+    """Run a client action; a refused one or a missing row is one line on stderr and exit 1."""
+    from .client import ActionRefused
+    try:
+        return action()
+    except (ActionRefused, LookupError, ValueError) as exc:
+        raise SystemExit(f"dms-worker: {exc.args[0] if exc.args else exc}")
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    """Create a job, or change only the fields given."""
+    from .client import UNSET, handler_problem, update_job
+    fields: dict[str, Any] = {}
+    if args.handler is not None:
+        fields["handler"] = args.handler
+    if args.no_timeout:
+        fields["timeout_s"] = None
+    elif args.timeout is not None:
+        fields["timeout_s"] = args.timeout
+    for name in ("max_attempts", "retry_delay", "allow_overlap", "enabled", "description"):
+        value = getattr(args, name)
+        if value is not None:
+            fields["retry_delay_s" if name == "retry_delay" else name] = value
+    if args.params is not None:
+        try:
+            params = json.loads(args.params)
+        except ValueError as exc:
+            raise SystemExit(f"dms-worker: --params is not valid JSON: {exc}")
+        if params is not None and not isinstance(params, dict):
+            raise SystemExit("dms-worker: --params must be a JSON object (or null to clear)")
+        fields["params"] = params
+    import sqlalchemy as sa
+
+    from . import schema as s
+    driver = _operator_driver(args)
+    created = _act(lambda: update_job(driver.engine, args.mapref, **fields))
+    with driver.engine.connect() as conn:
+        handler = conn.execute(sa.select(s.job.c.handler).where(s.job.c.mapref == args.mapref)).scalar_one()
+    shown = ", ".join(f"{k}={v!r}" for k, v in fields.items() if v is not UNSET) or "nothing to change"
+    print(f"job {args.mapref} {'created' if created else 'updated'}: {shown}")
+    problem = handler_problem(handler)
+    if problem:
+        print(f"warning: handler {handler} cannot be imported here ({problem}); requests for {args.mapref} "
+              "will fail unless the replicas can import it (install the module, or set PYTHONPATH)",
+              file=sys.stderr)
     return 0
+
+
+def cmd_job_pause(args: argparse.Namespace) -> int:
+    from .client import pause_job
+    driver = _operator_driver(args)
+    _act(lambda: pause_job(driver.engine, args.mapref))
+    print(f"job {args.mapref} paused: its requests wait NEW until `dms-worker job resume {args.mapref}`")
+    return 0
+
+
+def cmd_job_resume(args: argparse.Namespace) -> int:
+    from .client import resume_job
+    driver = _operator_driver(args)
+    _act(lambda: resume_job(driver.engine, args.mapref))
+    print(f"job {args.mapref} resumed")
+    return 0
+
+
+def _when(value: Any) -> str:
+    if value is None:
+        return "-"
+    return value.isoformat(sep=" ", timespec="seconds") if value.tzinfo else f"{value:%Y-%m-%d %H:%M:%S}Z"
+
+
+def cmd_requests_list(args: argparse.Namespace) -> int:
+    from .console import data
+    try:
+        f = data.RequestFilter.parse(vars(args))
+        driver = _operator_driver(args)
+        with driver.engine.connect() as conn:
+            page = data.request_page(conn, f, limit=args.limit, cursor=args.cursor)
+    except data.BadFilter as exc:
+        print(f"dms-worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(data.jsonable(page), indent=2))
+        return 0
+    print(f"{'request':<38} {'mapref':<24} {'type':<10} {'status':<16} {'prio':>4} {'att':>3}  requested (UTC)")
+    for r in page["requests"]:
+        status = r["status"] + (" (paused)" if r["paused"] else "")
+        print(f"{r['request_id']:<38} {r['mapref']:<24} {r['request_type']:<10} {status:<16} {r['priority']:>4} "
+              f"{r['attempts']:>3}  {_when(r['requested_at'])}")
+    if not page["requests"]:
+        print("(no request matches)")
+    if page["next_cursor"]:
+        print(f"more: --cursor '{page['next_cursor']}'")
+    return 0
+
+
+def cmd_requests_show(args: argparse.Namespace) -> int:
+    from .console import data
+    driver = _operator_driver(args)
+    with driver.engine.connect() as conn:
+        detail = data.request_detail(conn, args.request_id)
+    if detail is None:
+        raise SystemExit(f"dms-worker: no request {args.request_id!r}")
+    r = detail["request"]
+    if args.json:
+        out = dict(detail, request={k: v for k, v in r.items() if k not in ("payload_value", "result_value")})
+        print(json.dumps(data.jsonable(out), indent=2))
+        return 0
+    for key in ("request_id", "mapref", "request_type", "status", "priority", "unique_key", "attempts",
+                "requested_at", "not_before", "claimed_at", "claimed_by", "completed_at", "jobschid", "scheduled_for"):
+        value = r[key]
+        print(f"{key:<14} {_when(value) if hasattr(value, 'isoformat') else ('-' if value is None else value)}")
+    if detail["waiting"]:
+        print(f"{'waiting':<14} {detail['waiting']}")
+    print(f"{'payload':<14} {r['payload'] or '-'}")
+    print(f"{'result':<14} {r['result_payload'] or '-'}")
+    print(f"\nexecutions ({len(detail['executions'])}):")
+    for e in detail["executions"]:
+        counts = e["counts"] or {}
+        print(f"  prcid={e['prcid']} {e['status']} attempt {e['attempt']} {_when(e['strtdt'])} -> {_when(e['enddt'])}"
+              f" on {e['worker_id']}" + (f" param1={e['param1']}" if e["param1"] else "")
+              + (" rows " + " ".join(f"{k}={'-' if counts[v] is None else counts[v]}" for k, v in
+                                     (("src", "srcrows"), ("trg", "trgrows"), ("err", "errrows")))
+                 if any(v is not None for v in counts.values()) else ""))
+        if e["msg"]:
+            print(f"    {e['msg']}")
+        for x in e["errors"]:
+            print(f"    {x['errtyp']} {x['keyvalue'] or ''}: {x['errmsg'] or ''} {x['dberrmsg'] or ''}".rstrip())
+        if e["errors_total"] > len(e["errors"]):
+            print(f"    ... {e['errors_total'] - len(e['errors'])} more rows in DMS_JOBERR")
+    return 0
+
+
+def _by() -> str:
+    import getpass
+    import socket
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name in a container: the host says enough
+        user = "?"
+    return f"cli {user}@{socket.gethostname()}"
+
+
+def cmd_requests_retry(args: argparse.Namespace) -> int:
+    from .client import retry
+    driver = _operator_driver(args)
+    _act(lambda: retry(driver.engine, args.request_id, by=_by()))
+    print(f"request {args.request_id} retried: back to NEW with its attempts reset")
+    return 0
+
+
+def cmd_requests_cancel(args: argparse.Namespace) -> int:
+    from .client import cancel
+    driver = _operator_driver(args)
+    _act(lambda: cancel(driver.engine, args.request_id, by=_by()))
+    print(f"request {args.request_id} cancelled")
+    return 0
+
+
+def cmd_requests_stop(args: argparse.Namespace) -> int:
+    from .client import stop
+    driver = _operator_driver(args)
+    stop_id = _act(lambda: stop(driver.engine, args.request_id))
+    print(f"stop of {args.request_id} requested (STOP request {stop_id})")
+    return 0
+
+
+def cmd_schedule_list(args: argparse.Namespace) -> int:
+    from .console import data
+    cfg = _config(args)
+    driver = _driver(cfg)
+    _require_schema(driver)
+    with driver.engine.connect() as conn:
+        rows = data.schedules(conn, cfg.timezone, upcoming=args.count)
+    if args.json:
+        print(json.dumps(data.jsonable({"timezone": cfg.timezone, "schedules": rows}), indent=2))
+        return 0
+    print(f"schedules (current versions; times in {cfg.timezone}):")
+    for sc in rows:
+        state = "enabled" if sc["enabled"] else "disabled"
+        print(f"\n  {sc['jobschid']}  {sc['mapref']}  [{state}, misfire {sc['misfire']}]")
+        print(f"      {sc['words'] or sc['frqcd']}")
+        if sc["invalid"]:
+            print(f"      SKIPPED: {sc['invalid']}")
+        print(f"      last run: {_when(sc['lst_run_local'])}")
+        if sc["next"]:
+            print("      next: " + ", ".join(_when(t) for t in sc["next"]))
+    if not rows:
+        print("  (none: DMS_JOBSCH has no row with curflg = 'Y')")
+    return 0
+
+
+def _schedule_enabled(args: argparse.Namespace, enabled: bool) -> int:
+    from .client import set_schedule_enabled
+    driver = _operator_driver(args)
+    _act(lambda: set_schedule_enabled(driver.engine, args.jobschid, enabled))
+    print(f"schedule {args.jobschid} {'enabled' if enabled else 'disabled'}; the leader rereads schedules now")
+    return 0
+
+
+def cmd_schedule_enable(args: argparse.Namespace) -> int:
+    return _schedule_enabled(args, True)
+
+
+def cmd_schedule_disable(args: argparse.Namespace) -> int:
+    return _schedule_enabled(args, False)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    import os
+
+    from dotenv import dotenv_values
+
+    from .console import AuthConfigError, ConsoleAuth, check_bind, create_app, hash_password, serve
+    if args.hash_password:
+        import getpass
+        password = getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+        try:
+            print(hash_password(password))
+        except AuthConfigError as exc:
+            raise SystemExit(f"dms-worker: {exc}")
+        return 0
+    cfg = _config(args)
+    env = {k: v for k, v in (dotenv_values(args.env_file) if args.env_file and os.path.isfile(args.env_file)
+                             else {}).items() if v is not None}
+    env.update(os.environ)
+    try:
+        auth = ConsoleAuth.from_env(env)
+        check_bind(args.host, auth)
+    except AuthConfigError as exc:
+        raise SystemExit(f"dms-worker: {exc}")
+    if not auth.configured:
+        auth.anonymous_role = "operator"     # loopback only (checked above): like a shell on the host
+    _require_schema(_driver(cfg))
+    app = create_app(cfg.database_url, auth=auth, timezone_name=cfg.timezone, schema=cfg.schema,
+                     prefix=args.prefix, secret_key=env.get("DMS_CONSOLE_SECRET_KEY") or None,
+                     secure_cookie=env.get("DMS_CONSOLE_SECURE_COOKIE", "").lower() in ("1", "true", "yes", "on"))
+    return serve(app, args.host, args.port)
 
 
 WAIT_EXPLAINED = {
@@ -416,6 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-date", help="HISTORY: first day (ISO date)")
     p.add_argument("--end-date", help="HISTORY: last day (ISO date)")
     p.add_argument("--request-id", help="request id (default: a new UUID)")
+    p.add_argument("--priority", type=int, help="higher is claimed first (default 0)")
+    p.add_argument("--unique-key", help="at most one waiting or running request per key: a second one is merged "
+                                        "(its id printed) unless --refuse-duplicate")
+    p.add_argument("--refuse-duplicate", action="store_true", help="with --unique-key: fail instead of merging")
     p.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the outcome; exit 0 only if DONE")
 
     p = add("stop", cmd_stop, "Stop a request (cancel if queued, terminate if running) or a mapref's running "
@@ -429,16 +676,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   " why requests wait, running executions, invalid schedules, failures.")
     p.add_argument("--json", action="store_true", help="machine-readable output (times ISO 8601 with offset)")
 
-    p = add("job", cmd_job, "Create or update a DMS_JOB row.")
-    p.add_argument("mapref", help="the job's name (DMS_JOB.mapref), what requests and schedules refer to")
-    p.add_argument("handler", help="package.module:function or sql:PROCEDURE")
-    p.add_argument("--timeout", type=int, help="timeout_s: seconds before an execution is stopped (default: none)")
-    p.add_argument("--max-attempts", type=int, default=1, help="attempts before the request ends FAILED")
-    p.add_argument("--retry-delay", type=int, default=60, help="retry_delay_s, seconds (doubles per attempt)")
-    p.add_argument("--allow-overlap", action="store_true",
-                   help="let executions of this job run at the same time (default: one at a time)")
-    p.add_argument("--disabled", action="store_true", help="register it disabled: its requests fail")
-    p.add_argument("--description", help="free text")
+    _add_job_parsers(sub, common)
+    _add_requests_parsers(sub, common)
+    p = add("console", cmd_console, "Serve the web console (loopback by default; docs/console.md).")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other needs DMS_CONSOLE_TOKEN or "
+                        "DMS_CONSOLE_USERS_FILE)")
+    p.add_argument("--port", type=int, default=9480, help="port (default 9480; 0 picks a free one and prints it)")
+    p.add_argument("--prefix", default="", help="URL prefix, e.g. /dms (default: none)")
+    p.add_argument("--hash-password", action="store_true",
+                   help="read a password (prompt, or one line on stdin) and print its hash for DMS_CONSOLE_USERS_FILE")
 
     p = add("supervise", cmd_supervise, "Run N local replicas under supervisord (one host), or control them.")
     p.add_argument("--replicas", type=int, default=3, help="number of replica processes")
@@ -461,13 +708,110 @@ def build_parser() -> argparse.ArgumentParser:
     sched = sub.add_parser("schedule", help="Schedule tools.", description="Schedule tools.",
                            formatter_class=_HelpFormatter)
     sched_sub = sched.add_subparsers(dest="schedule_command", required=True, metavar="COMMAND",
-                                     help="preview: upcoming occurrences of a schedule")
+                                     help="preview: upcoming occurrences of a schedule; list, enable, disable")
     p = sched_sub.add_parser("preview", help="Print upcoming occurrences of a schedule.",
                              description="Print upcoming occurrences of a schedule.", formatter_class=_HelpFormatter)
     from .schedule import preview
     preview.add_arguments(p)
     p.set_defaults(func=cmd_schedule_preview)
+    _add_schedule_parsers(sched_sub, common)
     return parser
+
+
+def _add_job_parsers(sub, common: argparse.ArgumentParser) -> None:
+    job = sub.add_parser("job", formatter_class=_HelpFormatter, help="Create or change a job (DMS_JOB); pause or resume one.",
+                         description="Create or change a job (DMS_JOB); pause or resume one. "
+                                     "`dms-worker job MAPREF [HANDLER] ...` is short for `job set`.")
+    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="COMMAND",
+                                 help="set (also without the word: job MAPREF ...), pause, resume")
+    p = job_sub.add_parser("set", formatter_class=_HelpFormatter, parents=[common], help="Create a job, or change only the fields given.",
+                           description="Create a job (HANDLER required), or change only the fields given. "
+                                       "`dms-worker job pause|resume MAPREF` pauses or resumes one.")
+    p.add_argument("mapref", help="the job's name (DMS_JOB.mapref), what requests and schedules refer to")
+    p.add_argument("handler", nargs="?", help="package.module:function or sql:PROCEDURE (required to create)")
+    p.add_argument("--timeout", type=int, help="timeout_s: seconds before an execution is stopped")
+    p.add_argument("--no-timeout", action="store_true", help="no timeout (timeout_s NULL)")
+    p.add_argument("--max-attempts", type=int,
+                   help="attempts before a request ends FAILED; unchanged if not given, on creation (default: 1)")
+    p.add_argument("--retry-delay", type=int,
+                   help="retry_delay_s, seconds, doubled per attempt; on creation (default: 60)")
+    p.add_argument("--allow-overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="let executions of this job overlap (default: one at a time)")
+    p.add_argument("--enabled", action=argparse.BooleanOptionalAction, default=None,
+                   help="--no-enabled disables the job: its requests fail (default on create: enabled)")
+    p.add_argument("--disabled", dest="enabled", action="store_false", help="same as --no-enabled")
+    p.add_argument("--description", help="free text")
+    p.add_argument("--params", metavar="JSON", help="handler parameters, a JSON object; null clears them")
+    p.set_defaults(func=cmd_job)
+    for name, func, text in (("pause", cmd_job_pause, "Pause a job: its requests wait NEW until resumed."),
+                             ("resume", cmd_job_resume, "Resume a paused job.")):
+        p = job_sub.add_parser(name, formatter_class=_HelpFormatter, parents=[common], help=text, description=text)
+        p.add_argument("mapref", help="the job (DMS_JOB.mapref)")
+        p.set_defaults(func=func)
+
+
+def _add_requests_parsers(sub, common: argparse.ArgumentParser) -> None:
+    PAGE_DEFAULT = 50      # worker.console.data.PAGE_DEFAULT; not imported: parsing stays cheap
+    req = sub.add_parser("requests", formatter_class=_HelpFormatter, help="List, show, retry, cancel or stop requests (DMS_PRCREQ).",
+                         description="List, show, retry, cancel or stop requests (DMS_PRCREQ).")
+    req_sub = req.add_subparsers(dest="requests_command", required=True, metavar="COMMAND",
+                                 help="list, show, retry, cancel, stop")
+    p = req_sub.add_parser("list", formatter_class=_HelpFormatter, parents=[common], help="Requests, newest first, filtered and paged.",
+                           description="Requests, newest first, filtered and paged (keyset: --cursor from the "
+                                       "previous page).")
+    p.add_argument("--status", help="NEW, CLAIMED, PROCESSING, DONE, FAILED or CANCELLED")
+    p.add_argument("--mapref", help="this job's requests only")
+    p.add_argument("--type", help="IMMEDIATE, HISTORY, STOP or REFRESH_SCHEDULE")
+    p.add_argument("--since", help="requested at or after (ISO date or timestamp; UTC unless it has an offset)")
+    p.add_argument("--until", help="requested at or before (same format)")
+    p.add_argument("--request-id", dest="request_id", help="this request only")
+    p.add_argument("--limit", type=int, default=PAGE_DEFAULT, help=f"rows per page (default {PAGE_DEFAULT})")
+    p.add_argument("--cursor", help="the next page, as printed after the previous one")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_requests_list)
+    p = req_sub.add_parser("show", formatter_class=_HelpFormatter, parents=[common], help="One request with its executions, counts and errors.",
+                           description="One request: payload, result, every execution (DMS_PRCLOG) with its "
+                                       "DMS_JOBLOG counts and DMS_JOBERR rows.")
+    p.add_argument("request_id", help="the request (DMS_PRCREQ.request_id)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_requests_show)
+    for name, func, text in (
+            ("retry", cmd_requests_retry, "Run a FAILED or CANCELLED request again (attempts reset)."),
+            ("cancel", cmd_requests_cancel, "Cancel a waiting (NEW) request."),
+            ("stop", cmd_requests_stop, "Stop a running request (through a STOP request).")):
+        p = req_sub.add_parser(name, formatter_class=_HelpFormatter, parents=[common], help=text, description=text)
+        p.add_argument("request_id", help="the request (DMS_PRCREQ.request_id)")
+        p.set_defaults(func=func)
+
+
+def _add_schedule_parsers(sched_sub, common: argparse.ArgumentParser) -> None:
+    p = sched_sub.add_parser("list", formatter_class=_HelpFormatter, parents=[common], help="Current schedules, in words, with their next runs.",
+                             description="Current schedules (DMS_JOBSCH, curflg = 'Y') in words, with their next "
+                                         "runs in SCHEDULER_TIMEZONE and why a row is skipped.")
+    p.add_argument("--count", type=int, default=5, help="upcoming occurrences per schedule (default 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_schedule_list)
+    for name, func, text in (("enable", cmd_schedule_enable, "Enable a schedule (schflg = 'Y')."),
+                             ("disable", cmd_schedule_disable, "Disable a schedule (schflg = 'N').")):
+        p = sched_sub.add_parser(name, formatter_class=_HelpFormatter, parents=[common], help=text,
+                                 description=text + " The leader rereads schedules at once.")
+        p.add_argument("jobschid", type=int, help="the schedule (DMS_JOBSCH.jobschid of a current row)")
+        p.set_defaults(func=func)
+
+
+_JOB_COMMANDS = {"set", "pause", "resume"}
+
+
+def _job_shorthand(argv: Sequence[str]) -> list[str]:
+    """`dms-worker job MAPREF HANDLER ...` (the documented form) means `job set MAPREF HANDLER ...`,
+    and `job --help` shows `job set`'s options (what people look for there; it names pause and
+    resume too)."""
+    argv = list(argv)
+    if len(argv) >= 2 and argv[0] == "job" and argv[1] not in _JOB_COMMANDS:
+        argv.insert(1, "set")
+    return argv
+
+
 
 
 def _on_sigterm_before_start(_signum, _frame) -> None:
@@ -494,7 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_job_shorthand(argv))
     import sqlalchemy as sa
 
     from .config import ConfigError

@@ -127,7 +127,9 @@ class Config:
 
 # Variables of the dms-worker family that are read outside ``Config`` (or by tools around it),
 # so that they are not reported as unknown. Prefixes cover the test, benchmark and chaos suites.
-KNOWN_ELSEWHERE = {"DMS_DATABASE_URL", "DMS_MIGRATIONS_DIR", "DMS_VENV"}
+KNOWN_ELSEWHERE = {"DMS_DATABASE_URL", "DMS_MIGRATIONS_DIR", "DMS_VENV",
+                   # the web console's (worker.console.auth, docs/console.md)
+                   "DMS_CONSOLE_TOKEN", "DMS_CONSOLE_USERS_FILE", "DMS_CONSOLE_SECRET_KEY", "DMS_CONSOLE_SECURE_COOKIE"}
 KNOWN_PREFIXES = ("DMS_TEST_", "DMS_BENCH_", "DMS_CHAOS_")
 _FAMILY = re.compile(r"^(DMS|SCHEDULER)_[A-Z0-9_]+$")
 

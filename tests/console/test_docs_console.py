@@ -1,0 +1,43 @@
+"""docs/console.md's shell walkthrough runs as written, copy-pasted into a shell, in an empty
+directory: a real replica, the SQLite default database, the commands in order."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from worker import client
+from tests.support import REPO
+from tests.test_cli import clean_env
+
+DOC = REPO / "docs" / "console.md"
+
+
+def walkthrough() -> str:
+    (block,) = [b for b in re.findall(r"^```bash\n(.*?)^```", DOC.read_text(), re.M | re.S)
+                if "sqlite:///console-demo.db" in b]
+    return block
+
+
+def test_the_shell_walkthrough_runs_as_written(tmp_path):
+    script = tmp_path / "walkthrough.sh"
+    script.write_text(walkthrough())
+    bin_dir = str(Path(sys.executable).parent)
+    proc = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env=clean_env(PATH=f"{bin_dir}:/usr/bin:/bin", PYTHONPATH=str(REPO)))
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out[-3000:]
+    assert "warning" not in proc.stderr.lower(), proc.stderr
+    for expected in ("request demo-1 retried: back to NEW", "waiting        job DEMO_NOOP is paused",
+                     "request demo-3 cancelled",
+                     "dms-worker: request demo-3 has already ended (CANCELLED): nothing to cancel",
+                     "executions (2):"):
+        assert expected in out, (expected, out[-3000:])
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'console-demo.db'}")
+    try:
+        assert client.request_status(engine, "demo-1")["status"] == "DONE"
+    finally:
+        engine.dispose()
