@@ -70,7 +70,8 @@ def main() -> None:
            "rows_per_job": "/".join(f"{k} {writes[k] / args.jobs:.2f}" for k in ("ins", "upd", "del")),
            "prclog_rows": logs_n, "joblog_rows": joblogs}
     print_table("Burn-down, noop with full bookkeeping (PostgreSQL)", [row])
-    print(f"\nresults: {write_json('burndown', row)}")
+    name = "burndown" if (args.replicas, args.slots) == (4, 4) else f"burndown_{args.replicas}x{args.slots}"
+    print(f"\nresults: {write_json(name, row)}")
 
 
 if __name__ == "__main__":

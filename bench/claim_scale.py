@@ -42,7 +42,7 @@ FROM generate_series(1, :n) AS g,
 
 # Put the claimed rows back at the tail of the queue (untimed).
 REQUEUE_SQL = """
-UPDATE dms_prcreq SET status = 'NEW', claimed_by = NULL, claimed_at = NULL,
+UPDATE dms_prcreq SET status = 'NEW', claimed_by = NULL, claimed_at = NULL, excl_key = NULL,
        requested_at = timezone('UTC', clock_timestamp()), not_before = timezone('UTC', clock_timestamp())
 WHERE request_id = ANY(:ids)
 """
@@ -60,8 +60,8 @@ def load(engine: sa.Engine, n: int) -> float:
 
 def claim_params(p: ClaimParams) -> dict:
     # Exactly what PostgresDriver.request_claim binds.
-    return dict(worker_id=p.worker_id, job_limit=max(0, p.job_limit), control_types=list(p.control_types) or [""],
-                control_limit=p.control_limit if p.control_types else 0)
+    return dict(worker_id=p.worker_id, job_limit=max(0, p.job_limit), scan_limit=max(0, 3 * p.job_limit + 5),
+                control_types=list(p.control_types) or [""], control_limit=p.control_limit if p.control_types else 0)
 
 
 SETTINGS = ("enable_sort", "enable_bitmapscan", "enable_seqscan", "jit", "jit_above_cost", "plan_cache_mode",
@@ -155,6 +155,10 @@ def main() -> None:
     url = fresh_database(DB)
     engine = sa.create_engine(url)
     driver = make_driver(url)
+    # A job that allows overlap: each claim starts its 4 rows (PROCESSING, DMS_PRCLOG rows opened).
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO dms_job (mapref, handler, allow_overlap) VALUES ('NOOP', "
+                             "'worker.jobs.builtin:noop', 'Y')"))
     rows, plans, settings = [], {}, {}
     try:
         for n in sizes:

@@ -63,12 +63,15 @@ fi
 step "peers venv"              bash bench/peers/setup.sh
 step "commit rate (pgbench)"   $PY bench/commit_rate.py --clients 4 --threads 2 --seconds "$SECONDS_PGBENCH"
 step "burn-down: dms-worker"   $PY bench/burndown.py --jobs "$JOBS" --replicas 4 --slots 4
+step "burn-down: dms-worker 16" $PY bench/burndown.py --jobs "$JOBS" --replicas 4 --slots 16
 step "burn-down: PgQueuer"     $PEERS bench/peers/pgqueuer_bench.py --scenario burndown --jobs "$JOBS" --consumers 4
 step "burn-down: Procrastinate" $PEERS bench/peers/procrastinate_bench.py --scenario burndown --jobs "$JOBS" --consumers 4 --concurrency 4
 step "pickup: dms-worker"      $PY bench/pickup_latency.py --samples "$SAMPLES" --poll-interval 1
 step "pickup: PgQueuer"        $PEERS bench/peers/pgqueuer_bench.py --scenario pickup --samples "$SAMPLES"
 step "pickup: Procrastinate"   $PEERS bench/peers/procrastinate_bench.py --scenario pickup --samples "$SAMPLES"
 step "claim scale"             $PY bench/claim_scale.py --sizes "$SIZES" --claims "$CLAIMS"
+step "no-overlap queue"        $PY bench/no_overlap.py --requests 100 --replicas 2
+step "start-up"                $PY bench/startup.py --slots 16 --trials "$TRIALS"
 step "failover"                $PY bench/failover.py --trials "$TRIALS"
 step "rescue"                  $PY bench/rescue.py --trials "$TRIALS"
 step "plots"                   $PEERS bench/plots.py --out "$IMG"

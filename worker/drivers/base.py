@@ -429,30 +429,32 @@ class SQLDriver:
         picked (locked candidates, at most one per no-overlap mapref) and start the runnable.
 
         ``picked``: (request_id, job, request_type) of job rows, in queue order."""
-        c = s.prcreq.c
+        c, p = s.prcreq.c, s.prclog.c
         claim = dict(claimed_by=worker_id, claimed_at=self.clock(), attempts=c.attempts + 1, stop_requested_at=None)
-        if control_ids:
-            conn.execute(sa.update(s.prcreq).where(c.request_id.in_(control_ids)).values(status=s.CLAIMED, **claim))
-        groups: dict[tuple[str, bool], list[str]] = {}
+        groups: dict[tuple[str, bool], list[str]] = {(s.CLAIMED, False): list(control_ids)}
         for rid, job, rtype in picked:
             runnable = self._runnable(rtype, job)
             groups.setdefault((s.PROCESSING if runnable else s.CLAIMED,
                                runnable and job is not None and not job.allow_overlap), []).append(rid)
-        for (status, exclusive), ids in groups.items():
-            conn.execute(sa.update(s.prcreq).where(c.request_id.in_(ids)).values(
-                status=status, excl_key=c.mapref if exclusive else None, **claim))
+        for (status, exclusive), group in groups.items():     # at most three statements
+            if group:
+                conn.execute(sa.update(s.prcreq).where(c.request_id.in_(group)).values(
+                    status=status, excl_key=c.mapref if exclusive else None, **claim))
         ids = control_ids + [rid for rid, _, _ in picked]
         if not ids:
             return []
-        rows = conn.execute(sa.select(*(c[name] for name in self._CLAIM_COLUMNS), c.status).where(
-            c.request_id.in_(ids), c.claimed_by == worker_id)).all()
-        prcids = {}
-        p = s.prclog.c
-        for row in rows:
-            if row.status == s.PROCESSING:
-                prcids[row.request_id] = int(conn.execute(sa.insert(s.prclog).values(
-                    mapref=row.mapref, strtdt=self.clock(), status=s.IN_PROGRESS, request_id=row.request_id,
-                    worker_id=worker_id, attempt=row.attempts).returning(p.prcid)).scalar_one())
+        mine = sa.and_(c.request_id.in_(ids), c.claimed_by == worker_id)
+        conn.execute(sa.insert(s.prclog).from_select(
+            ["mapref", "strtdt", "status", "request_id", "worker_id", "attempt"],
+            sa.select(c.mapref, self.clock(), sa.literal(s.IN_PROGRESS), c.request_id, sa.literal(worker_id),
+                      c.attempts).where(mine, c.status == s.PROCESSING)))
+        opened = (sa.select(p.request_id, sa.func.max(p.prcid).label("prcid"))
+                  .where(p.request_id.in_(ids), p.worker_id == worker_id, p.status == s.IN_PROGRESS)
+                  .group_by(p.request_id).subquery())
+        rows = conn.execute(sa.select(*(c[name] for name in self._CLAIM_COLUMNS), opened.c.prcid)
+                            .select_from(s.prcreq.outerjoin(opened, opened.c.request_id == c.request_id))
+                            .where(mine)).all()
+        prcids = {row.request_id: int(row.prcid) for row in rows if row.prcid is not None}
         return self._claimed(rows, prcids, {job.mapref: job for _, job, _ in picked if job is not None}, ids)
 
     @staticmethod
