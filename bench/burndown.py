@@ -13,9 +13,9 @@ import time
 import uuid
 
 import sqlalchemy as sa
-
 from common import REPO, fresh_database, print_table, write_json  # noqa: E402  (sets sys.path)
 from report import table_writes, tree_cpu_seconds  # noqa: E402
+
 from tests.support import Replica, wait_until
 from worker import client
 from worker import schema as s

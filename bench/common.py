@@ -10,10 +10,11 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report import RESULTS, percentile, print_table, summary_ms, write_json  # noqa: E402,F401  (re-exported)
+
 from worker.drivers import make_driver  # noqa: E402
 from worker.migrate import migrate  # noqa: E402
 
-from report import RESULTS, percentile, print_table, summary_ms, write_json  # noqa: E402,F401  (re-exported)
 ADMIN_URL = os.environ.get("DMS_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 

@@ -32,8 +32,8 @@ import time
 import tracemalloc
 
 import sqlalchemy as sa
-
 from common import fresh_database, print_table, write_json  # noqa: E402  (sets sys.path)
+
 from worker.jobs import csv as csvjobs
 from worker.jobs.context import JobContext
 

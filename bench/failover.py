@@ -15,8 +15,8 @@ import random
 import time
 
 import sqlalchemy as sa
-
 from common import REPO, fresh_database, print_table, summary_ms, write_json  # noqa: E402  (sets sys.path)
+
 from tests.support import Replica, wait_until
 from worker import client
 from worker import schema as s

@@ -13,8 +13,8 @@ import time
 import uuid
 
 import sqlalchemy as sa
-
 from common import REPO, fresh_database, print_table, summary_ms, write_json  # noqa: E402  (sets sys.path)
+
 from bench.handlers import stamps
 from tests.support import Replica, wait_until
 from worker import client

@@ -13,8 +13,8 @@ import tempfile
 import time
 
 import sqlalchemy as sa
-
 from common import REPO, fresh_database, print_table, summary_ms, write_json  # noqa: E402  (sets sys.path)
+
 from tests.support import Replica, probe, wait_until
 from worker import client
 from worker.drivers import make_driver

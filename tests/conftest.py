@@ -14,9 +14,9 @@ import secrets
 import pytest
 import sqlalchemy as sa
 
+from tests.support import Replica, probe
 from worker.drivers import make_driver
 from worker.migrate import migrate
-from tests.support import Replica, probe
 
 ORACLE_URL = os.environ.get("DMS_TEST_ORACLE_URL", "").strip()
 # Modules whose tests make up the live Oracle suite; elsewhere the oracle variant is deselected.

@@ -6,8 +6,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -69,7 +70,7 @@ class Replica:
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Replica":
+    def start(self) -> Replica:
         self._log = open(self.log_path, "ab")
         # A session (and process group) of its own, so that a test can freeze or kill the
         # replica together with its execution processes, as Ctrl-Z or a VM pause does.

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.support import Replica, probe, wait_until
 from worker import client
 from worker import schema as s
 from worker.cli import main
 from worker.drivers import make_driver
 from worker.migrate import migrate
-from tests.support import Replica, probe, wait_until
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("dms-worker")
 COMMANDS = ["run", "migrate", "enqueue", "stop", "status", "job", "demo", "schedule", "schedule preview"]
@@ -478,6 +478,7 @@ def test_enqueue_wait_piped_into_head_stops_quietly(unbuffered, live):
 # -- help ------------------------------------------------------------------------------------------
 def _all_subparsers():
     import argparse
+
     from worker.cli import build_parser
     found = {}
 

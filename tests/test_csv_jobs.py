@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.support import wait_until
 from worker import client
 from worker import schema as s
 from worker.drivers import make_driver
 from worker.jobs import csv as csvjobs
 from worker.jobs import state
 from worker.jobs.context import JobCancelled, JobContext
-from tests.support import wait_until
 
 AS_OF = date(2026, 11, 1)
 

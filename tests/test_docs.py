@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from worker import schema as s
 from tests.support import REPO, Replica, wait_until
 from tests.test_cli import clean_env
+from worker import schema as s
 
 DOCS = [REPO / "README.md", REPO / "docs" / "jobs.md"]
 

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from tests.support import REPO
 from worker import client
 from worker.config import Config
-from worker.doctor import FAIL, INFO, OK, WARN, run_checks
+from worker.doctor import FAIL, INFO, OK, run_checks
 
 
 def doctor(url: str, cwd: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:

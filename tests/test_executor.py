@@ -10,13 +10,12 @@ from multiprocessing.connection import wait
 import pytest
 import sqlalchemy as sa
 
-from worker import client
-from worker import logs
+from tests.support import probe, wait_until
+from worker import client, logs
 from worker import schema as s
 from worker.drivers import make_driver
 from worker.drivers.base import ClaimParams, ExecutionFinish, WorkerInfo
 from worker.executor import ChildConfig, Executor, Task
-from tests.support import probe, wait_until
 
 W = "w1:1:aa"
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import sqlalchemy as sa
 
+from tests.support import Replica, wait_until
 from worker import client
 from worker import schema as s
-from tests.support import Replica, wait_until
 
 pytestmark = pytest.mark.slow
 FAST = dict(SCHEDULER_POLL_INTERVAL="0.5", DMS_HEARTBEAT_INTERVAL="0.5", DMS_RESCUE_AFTER="3",

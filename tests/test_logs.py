@@ -5,8 +5,8 @@ import json
 import logging
 import re
 
-from worker import logs
 from tests.support import wait_until
+from worker import logs
 
 
 def test_json_lines_and_rotation(tmp_path):
@@ -36,8 +36,8 @@ def test_a_stopped_execution_that_logs_on_its_way_out_does_not_silence_the_repli
 
     import sqlalchemy as sa
 
-    from worker import client
     from tests.support import Replica
+    from worker import client
 
     engine = sa.create_engine(sqlite_url)
     client.register_job(engine, "LOUD", "tests.handlers:loud_when_stopped")

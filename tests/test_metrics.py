@@ -18,9 +18,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import REPO, wait_until
 from worker import __version__
 from worker.metrics import CONTENT_TYPE_LATEST, OUTCOMES, Metrics, serve
-from tests.support import REPO, wait_until
 
 ALERTS = REPO / "metrics" / "alerts.yml"
 ALERT_TESTS = REPO / "metrics" / "alerts_test.yml"

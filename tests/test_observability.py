@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 import sqlalchemy as sa
 
-from worker import client
 from tests.support import wait_until
+from worker import client
 
 pytestmark = pytest.mark.slow
 

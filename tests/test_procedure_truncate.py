@@ -47,8 +47,8 @@ def test_a_procedure_that_opted_in_receives_the_truncate_flag_and_others_are_unc
 
 @pytest.mark.slow
 def test_a_history_request_truncates_only_on_its_first_day_through_a_replica(pg, pg_url, tmp_path):
-    from worker import client
     from tests.support import Replica, wait_until
+    from worker import client
     client.register_job(pg.engine, "TRUNC", "sql:dms_test_trunc", params={"counts": True, "truncate_arg": True})
     r = Replica(pg_url, "trunc", tmp_path, SCHEDULER_POLL_INTERVAL="0.5").start()
     try:

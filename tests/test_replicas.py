@@ -16,9 +16,9 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
+from tests.support import Replica, pid_alive, probe, wait_until
 from worker import client
 from worker import schema as s
-from tests.support import Replica, pid_alive, probe, wait_until
 
 pytestmark = pytest.mark.slow
 

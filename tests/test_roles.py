@@ -6,9 +6,9 @@ import subprocess
 import pytest
 import sqlalchemy as sa
 
+from tests.support import REPO, Replica, wait_until
 from worker import client
 from worker import schema as s
-from tests.support import REPO, Replica, wait_until
 
 pytestmark = pytest.mark.slow
 

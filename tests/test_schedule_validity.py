@@ -5,13 +5,12 @@ so that what it writes, counts and refuses can be checked between two ticks.
 """
 from __future__ import annotations
 
-import sqlalchemy as sa
 import pytest
+import sqlalchemy as sa
 
 from worker import client
 from worker import schema as s
-from worker.drivers.base import LEADER_NAME
-from worker.drivers.base import ScheduleRow
+from worker.drivers.base import LEADER_NAME, ScheduleRow
 from worker.schedule import InvalidSchedule
 from worker.scheduler import LeadershipLost, Scheduler, dependency_problems
 

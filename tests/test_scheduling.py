@@ -12,9 +12,9 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from tests.support import wait_until
 from worker import client
 from worker import schema as s
-from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
 

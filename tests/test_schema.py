@@ -19,10 +19,10 @@ from sqlalchemy.dialects import oracle
 from sqlalchemy.schema import CreateTable
 from sqlglot import exp
 
+from tests.support import REPO
 from worker import schema as s
 from worker.drivers import make_driver
 from worker.migrate import migrate, migrations_for
-from tests.support import REPO
 
 MIGRATIONS = REPO / "sql" / "migrations"
 CHECK_SCHEMA = (REPO / ".." / "shared" / "tools" / "check-schema").resolve()

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from worker.drivers import make_driver
 from tests.support import REPO, wait_until
 from tests.test_cli import clean_env
+from worker.drivers import make_driver
 
 
 def start(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:

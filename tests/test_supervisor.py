@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from worker import supervise as sv
 from tests.support import REPO, pid_alive, wait_until
+from worker import supervise as sv
 
 FAST = dict(DMS_HEARTBEAT_INTERVAL="0.5", DMS_RESCUE_AFTER="3", SCHEDULER_POLL_INTERVAL="0.5",
             DMS_LOG_LEVEL="INFO")

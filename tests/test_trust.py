@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections import Counter, defaultdict
-from pathlib import Path
+from collections import Counter
 
 import pytest
 import sqlalchemy as sa
 
+from tests.support import Replica, StallingProxy, probe, wait_until
 from worker import client
 from worker import schema as s
-from tests.support import Replica, StallingProxy, probe, wait_until
 
 pytestmark = pytest.mark.slow
 

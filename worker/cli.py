@@ -14,8 +14,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from datetime import date, datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import __version__
 
@@ -158,7 +159,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     try:
         payload = json.loads(args.payload) if args.payload else {}
     except ValueError as exc:
-        raise SystemExit(f"dms-worker: --payload is not valid JSON: {exc}")
+        raise SystemExit(f"dms-worker: --payload is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise SystemExit("dms-worker: --payload must be a JSON object")
     payload.update(_parse_params(args.param))
@@ -179,7 +180,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
                       request_id=args.request_id, priority=args.priority, unique_key=args.unique_key,
                       on_duplicate="refuse" if args.refuse_duplicate else "merge")
     except (DuplicateRequest, ValueError) as exc:
-        raise SystemExit(f"dms-worker: {exc}")
+        raise SystemExit(f"dms-worker: {exc}") from None
     print(rid, flush=True)     # at once: a reader (`| head -1`) need not wait for --wait
     if args.wait:
         row = _wait_terminal(driver, rid, args.wait)
@@ -227,7 +228,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     try:
         rid = request_stop(driver.engine, request_id=args.request_id, mapref=args.mapref)
     except LookupError as exc:
-        raise SystemExit(f"dms-worker: {exc}")
+        raise SystemExit(f"dms-worker: {exc}") from None
     print(f"STOP request {rid} queued: {what}", flush=True)
     if not args.wait:
         return 0
@@ -270,7 +271,7 @@ def _act(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except (ActionRefused, LookupError, ValueError) as exc:
-        raise SystemExit(f"dms-worker: {exc.args[0] if exc.args else exc}")
+        raise SystemExit(f"dms-worker: {exc.args[0] if exc.args else exc}") from None
 
 
 def cmd_job(args: argparse.Namespace) -> int:
@@ -291,7 +292,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         try:
             params = json.loads(args.params)
         except ValueError as exc:
-            raise SystemExit(f"dms-worker: --params is not valid JSON: {exc}")
+            raise SystemExit(f"dms-worker: --params is not valid JSON: {exc}") from None
         if params is not None and not isinstance(params, dict):
             raise SystemExit("dms-worker: --params must be a JSON object (or null to clear)")
         fields["params"] = params
@@ -483,7 +484,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         try:
             print(hash_password(password))
         except AuthConfigError as exc:
-            raise SystemExit(f"dms-worker: {exc}")
+            raise SystemExit(f"dms-worker: {exc}") from None
         return 0
     cfg = _config(args)
     env = {k: v for k, v in (dotenv_values(args.env_file) if args.env_file and os.path.isfile(args.env_file)
@@ -493,7 +494,7 @@ def cmd_console(args: argparse.Namespace) -> int:
         auth = ConsoleAuth.from_env(env)
         check_bind(args.host, auth)
     except AuthConfigError as exc:
-        raise SystemExit(f"dms-worker: {exc}")
+        raise SystemExit(f"dms-worker: {exc}") from None
     if not auth.configured:
         auth.anonymous_role = "operator"     # loopback only (checked above): like a shell on the host
     _require_schema(_driver(cfg))

@@ -19,8 +19,9 @@ import functools
 import importlib
 import json
 import uuid
+from collections.abc import Iterator
 from datetime import date
-from typing import Any, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -55,7 +56,7 @@ def _conn(bind: Connection | Engine) -> Iterator[Connection]:
         yield bind
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _driver_class(dialect: str) -> type:
     from .drivers.oracle import OracleDriver
     from .drivers.postgresql import PostgresDriver

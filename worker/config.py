@@ -11,9 +11,9 @@ import difflib
 import math
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -95,12 +95,12 @@ class Config:
         )
         return f"Config({fields})"
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path | None = ".env",
-                 **overrides) -> "Config":
+                 **overrides) -> Config:
         """Build from ``environ`` (default ``os.environ``) over ``.env``; ``overrides`` win (CLI flags)."""
         env: dict[str, str] = {}
         if dotenv_path and Path(dotenv_path).is_file():

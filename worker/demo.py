@@ -25,7 +25,6 @@ from .config import Config
 from .drivers import make_driver
 from .migrate import migrate
 
-
 EMPLOYEES_CSV = """emp_no,full_name,hired_on
 1001,Ada Lovelace,2024-01-15
 1002,Alan Turing,2024-02-01

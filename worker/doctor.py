@@ -18,9 +18,10 @@ import json
 import os
 import re
 import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import sqlalchemy as sa
 

@@ -30,10 +30,10 @@ import signal
 import sys
 import threading
 import time
-import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
-from typing import Any, Callable
+from typing import Any
 
 import sqlalchemy as sa
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
 
 from .drivers.base import JobDef, OccurrenceEnqueue, ScheduleRow, SQLDriver
 from .schedule import InvalidSchedule, Misfire, Schedule, last_at_or_before, parse_misfire, parse_schedule, plan_due

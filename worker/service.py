@@ -17,13 +17,12 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_any
-from typing import Any, Callable
+from typing import Any
 
-from . import __version__
-from . import logs
-from . import retry
+from . import __version__, logs, retry
 from .config import Config, ConfigError
 from .drivers import make_driver
 from .drivers.base import Listener, SQLDriver, WorkerInfo
@@ -115,7 +114,7 @@ class SchedulerService:
         self._serve()
         return 0
 
-    def start(self) -> "SchedulerService":
+    def start(self) -> SchedulerService:
         """Run in a background thread (for embedding); returns at once."""
         self._start_http()
         self._thread = threading.Thread(target=self._serve, name="dms-worker", daemon=True)

@@ -18,8 +18,8 @@ import psycopg
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
-from report import (RESULTS, percentile, print_table, summary_ms, table_writes,  # noqa: E402,F401  (re-exported)
-                    tree_cpu_seconds, write_json)
+from report import RESULTS, percentile, print_table, summary_ms, table_writes, tree_cpu_seconds, write_json  # noqa: E402,F401  (re-exported)
+
 # Same variable as bench/common.py (an SQLAlchemy URL); the driver suffix is dropped for libpq.
 ADMIN_URL = os.environ.get("DMS_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 

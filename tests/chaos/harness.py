@@ -38,12 +38,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from tests.chaos import checker
+from tests.support import Replica, probe
 from worker import client
 from worker import schema as s
 from worker.drivers import make_driver
 from worker.migrate import migrate
-from tests.support import Replica, probe
-from tests.chaos import checker
 
 DB_NAME = "dms_chaos"
 

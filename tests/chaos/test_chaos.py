@@ -14,11 +14,11 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from worker import schema as s
 from tests.chaos import checker
 from tests.chaos.checker import State, check
 from tests.chaos.harness import ClusterError, PrivateCluster, run_chaos
 from tests.support import probe
+from worker import schema as s
 
 T0 = datetime(2026, 3, 1, 12, 0, 0)
 
@@ -261,9 +261,9 @@ def test_chaos_short(private_cluster, tmp_path):
 def test_the_first_job_after_a_database_restart_gets_a_live_connection(private_cluster, tmp_path):
     """Handlers get a pooled connection and no retry: a connection left dead by the restart
     must not reach them (a one-attempt job would fail for nothing)."""
-    from worker import client
     from tests.chaos.harness import REPLICA_ENV, ChaosReplica
     from tests.support import wait_until
+    from worker import client
 
     url = private_cluster.url
     engine = sa.create_engine(url, pool_pre_ping=True)

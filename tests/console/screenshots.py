@@ -9,7 +9,6 @@ starts the console with an operator login and takes each page with Debian's Chro
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
 import os
 import random
 import re
@@ -18,17 +17,18 @@ import signal
 import subprocess
 import sys
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import sqlalchemy as sa
 
+from tests.console.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support import REPO, Replica, wait_until
 from worker import client
 from worker import schema as s
 from worker.console import hash_password
 from worker.drivers import make_driver
 from worker.migrate import migrate
-from tests.console.test_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support import REPO, Replica, wait_until
 
 ADMIN = os.environ.get("DMS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 HANDLER = "tests.console.handlers:import_rows"

@@ -13,11 +13,11 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
+from tests.console.conftest import OPERATOR_PW, TOKEN, VIEWER_PW, csrf, login, make_auth
 from worker import client
 from worker import schema as s
 from worker.console import AuthConfigError, ConsoleAuth, check_bind, create_blueprint, hash_password, is_loopback
 from worker.console.auth import load_users
-from tests.console.conftest import OPERATOR_PW, TOKEN, VIEWER_PW, csrf, login, make_auth
 
 
 @pytest.fixture

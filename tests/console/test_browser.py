@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 import pytest
 import sqlalchemy as sa
 
+from tests.support import REPO, wait_until
 from worker import client
 from worker import schema as s
 from worker.console import hash_password
-from tests.support import REPO, wait_until
 
 CHROMIUM = os.environ.get("DMS_TEST_CHROMIUM", "/usr/bin/chromium")
 # As root, in a sandbox without a network: no sandbox, no GPU, nothing phoning home.

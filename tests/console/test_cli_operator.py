@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.test_cli import cli
 from worker import client
 from worker import schema as s
 from worker.console.auth import load_users
-from tests.test_cli import cli
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from worker import client
 from tests.support import REPO
 from tests.test_cli import clean_env
+from worker import client
 
 DOC = REPO / "docs" / "console.md"
 

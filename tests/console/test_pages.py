@@ -11,10 +11,10 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from tests.console.conftest import TOKEN, login
 from worker import client
 from worker import schema as s
 from worker.console import data
-from tests.console.conftest import TOKEN, login
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'

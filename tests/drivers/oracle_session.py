@@ -86,7 +86,7 @@ class _Cursor:
     def var(self, *args: Any, **kw: Any) -> _Var:
         return _Var(*args, **kw)
 
-    def execute(self, sql: str, params: Any = None, **kw: Any) -> "_Cursor":
+    def execute(self, sql: str, params: Any = None, **kw: Any) -> _Cursor:
         binds = dict(params or {}, **kw)
         s = self.session
         s.executed.append((sql, binds))
@@ -158,7 +158,7 @@ class _Cursor:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "_Cursor":
+    def __enter__(self) -> _Cursor:
         return self
 
     def __exit__(self, *_exc: Any) -> None:
@@ -219,7 +219,7 @@ class _Connection:
     def cancel(self) -> None:
         pass
 
-    def queue(self, name: str) -> "_Queue":
+    def queue(self, name: str) -> _Queue:
         return _Queue(self.session, name)
 
     def ping(self) -> None:

@@ -13,8 +13,21 @@ import sqlalchemy as sa
 
 from worker import client
 from worker import schema as s
-from worker.drivers.base import (ClaimParams, ExecutionAnnotate, ExecutionFinish, ExecutionOpen, Heartbeat, JobDef,
-                                 PruneParams, Reject, RequestResolve, RescueParams, StartRefused, StopParams, WorkerInfo)
+from worker.drivers.base import (
+    ClaimParams,
+    ExecutionAnnotate,
+    ExecutionFinish,
+    ExecutionOpen,
+    Heartbeat,
+    JobDef,
+    PruneParams,
+    Reject,
+    RequestResolve,
+    RescueParams,
+    StartRefused,
+    StopParams,
+    WorkerInfo,
+)
 
 W1, W2 = "w1:1:aa", "w2:2:bb"
 

@@ -7,12 +7,20 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from tests.support import wait_until
 from worker import client
 from worker import schema as s
-from tests.support import wait_until
 from worker.drivers import make_driver
-from worker.drivers.base import (ClaimParams, occurrence_request_id, ExecutionFinish, LeaderElect, LeaderTerm, OccurrenceEnqueue, PruneParams,
-                                 WorkerInfo)
+from worker.drivers.base import (
+    ClaimParams,
+    ExecutionFinish,
+    LeaderElect,
+    LeaderTerm,
+    OccurrenceEnqueue,
+    PruneParams,
+    WorkerInfo,
+    occurrence_request_id,
+)
 from worker.services.leadership import Leadership
 
 W1, W2 = "w1:1:aa", "w2:2:bb"

@@ -11,8 +11,8 @@ PL/SQL blocks) and avoid the traps listed in NOTES.md.
 from __future__ import annotations
 
 import itertools
-import time
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,10 +24,22 @@ from sqlalchemy.dialects.oracle.oracledb import OracleDialect_oracledb
 
 from worker import schema as s
 from worker.drivers import make_driver
-from worker.drivers.base import (ClaimParams, ExecutionAnnotate, ExecutionFinish, ExecutionOpen, Heartbeat,
-                                 LeaderElect, LeaderTerm, OccurrenceEnqueue, PruneParams, Reject, RescueParams,
-                                 StopParams,
-                                 RequestResolve, WorkerInfo)
+from worker.drivers.base import (
+    ClaimParams,
+    ExecutionAnnotate,
+    ExecutionFinish,
+    ExecutionOpen,
+    Heartbeat,
+    LeaderElect,
+    LeaderTerm,
+    OccurrenceEnqueue,
+    PruneParams,
+    Reject,
+    RequestResolve,
+    RescueParams,
+    StopParams,
+    WorkerInfo,
+)
 from worker.drivers.oracle import OracleDriver
 from worker.jobs import state
 from worker.migrate import migrations_for
@@ -152,7 +164,7 @@ class Recorder:
         self.issued.append(Issued(str(compiled), self.verb, set(compiled.binds)))
         return Result(names or ["value"], next(self.found))
 
-    def raw(self, sql: str, binds: Any = None, cursor: "Cursor | None" = None) -> Result:
+    def raw(self, sql: str, binds: Any = None, cursor: Cursor | None = None) -> Result:
         self.issued.append(Issued(sql, self.verb, set(binds or {}), getattr(cursor, "prefetchrows", None),
                                   getattr(cursor, "arraysize", None), raw=True))
         return Result(["value"], next(self.found))
@@ -170,7 +182,7 @@ class Cursor:
     def __init__(self, rec: Recorder) -> None:
         self.rec, self.prefetchrows, self.arraysize, self._rows = rec, 2, 100, []
 
-    def execute(self, sql: str, binds: Any = None, **kw: Any) -> "Cursor":
+    def execute(self, sql: str, binds: Any = None, **kw: Any) -> Cursor:
         self.rec.raw(sql, dict(binds or {}, **kw), self)
         if "DBMS_LOCK." in sql:
             self.rec.lock_ids.append(dict(binds or {}, **kw)["lock_id"])
@@ -198,7 +210,7 @@ class Cursor:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Cursor":
+    def __enter__(self) -> Cursor:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -261,10 +273,10 @@ class Conn:
     def exec_driver_sql(self, sql: str, params: Any = None) -> Result:
         return self.rec.raw(sql, params)
 
-    def begin_nested(self) -> "Conn":
+    def begin_nested(self) -> Conn:
         return self
 
-    def __enter__(self) -> "Conn":
+    def __enter__(self) -> Conn:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -752,7 +764,6 @@ def test_without_the_aq_queue_the_driver_polls_and_asks_again_only_after_a_while
 def test_after_a_listener_failure_the_next_one_waits_instead_of_one_per_tick(odriver, rec, monkeypatch):
     """Issue 12.5: the control loop asks for a listener on every tick while it has none."""
     import time as _time
-
     from multiprocessing.connection import wait
 
     from worker.drivers import oracle as mod

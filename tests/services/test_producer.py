@@ -6,6 +6,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
+from tests.services.fakes import FakeExecutor
 from worker import client
 from worker import schema as s
 from worker.drivers.base import WorkerInfo
@@ -13,7 +14,6 @@ from worker.executor import EXIT_FENCED, Event
 from worker.metrics import Metrics
 from worker.services.completer import Completer
 from worker.services.producer import Producer, ProducerSettings
-from tests.services.fakes import FakeExecutor
 
 W = "w1:1:aa"
 

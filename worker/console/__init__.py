@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from .auth import OPERATOR, READ_ONLY, AuthConfigError, ConsoleAuth, check_bind, hash_password, is_loopback
 from .web import create_app, create_app_from_env, create_blueprint

@@ -24,9 +24,9 @@ import ipaddress
 import os
 import secrets
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -63,7 +63,7 @@ class ConsoleAuth:
         return bool(self.token or self.users)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ConsoleAuth":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ConsoleAuth:
         env = os.environ if env is None else env
         token = (env.get("DMS_CONSOLE_TOKEN") or "").strip() or None
         if token is not None and len(token) < 16:

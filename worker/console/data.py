@@ -108,7 +108,7 @@ class RequestFilter:
     request_id: str | None = None
 
     @classmethod
-    def parse(cls, args: Any) -> "RequestFilter":
+    def parse(cls, args: Any) -> RequestFilter:
         """From query parameters or CLI options (a mapping); raises BadFilter naming the field."""
         def text(name: str) -> str | None:
             value = args.get(name)

@@ -19,9 +19,10 @@ import contextlib
 import enum
 import json
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -323,7 +324,7 @@ class SQLDriver:
         queue order."""
         raise NotImplementedError
 
-    def listener(self) -> "Listener | None":
+    def listener(self) -> Listener | None:
         """A wake-up channel (PostgreSQL LISTEN, Oracle AQ), or None to rely on polling."""
         return None
 

@@ -28,7 +28,8 @@ import re
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import oracledb
 import sqlalchemy as sa
@@ -343,7 +344,7 @@ class OracleDriver(SQLDriver):
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def listener(self) -> "AqListener | None":
+    def listener(self) -> AqListener | None:
         """The AQ wake-up when it can work, else None (the replica polls).
 
         Called by the control loop whenever it has no listener, i.e. on every tick after a
@@ -525,7 +526,7 @@ class AqListener(Listener):
     wait_s = 5
 
     def __init__(self, connect: Any, queue_name: str,
-                 on_error: "Callable[[BaseException, float], None] | None" = None) -> None:
+                 on_error: Callable[[BaseException, float], None] | None = None) -> None:
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._stop = threading.Event()

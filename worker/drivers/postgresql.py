@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -333,7 +334,7 @@ class PostgresDriver(SQLDriver):
                 conn.close()
 
     # -- wake-ups, sessions, procedures, scripts ------------------------------------------------
-    def listener(self) -> "PgListener":
+    def listener(self) -> PgListener:
         return PgListener(self.libpq_url, self._connect_args())
 
     def session_id(self, dbapi_conn: Any) -> str | None:

@@ -33,9 +33,10 @@ import contextlib
 import csv
 import os
 import re
+from collections.abc import Iterator
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
-from typing import Any, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
@@ -54,7 +55,7 @@ _ROW_ERRORS = (sa.exc.IntegrityError, sa.exc.DataError)   # a bad row, not a bad
 # numeric overflow, and the date conversion errors.
 _ORACLE_ROW_ERRORS = {"ORA-01722", "ORA-12899", "ORA-01401", "ORA-01438", "ORA-01426", "ORA-01400", "ORA-06502",
                       "ORA-01843", "ORA-01861", "ORA-01858", "ORA-01840", "ORA-01841", "ORA-01847", "ORA-01830",
-                      "ORA-01839", "ORA-01850", "ORA-01851", "ORA-01852", "ORA-01878", "ORA-01830"}
+                      "ORA-01839", "ORA-01850", "ORA-01851", "ORA-01852", "ORA-01878"}
 _TEMPORAL = (date, datetime, time)
 
 

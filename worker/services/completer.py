@@ -14,8 +14,9 @@ request FAILED with the reason), so one bad row never holds up the others.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 from ..drivers.base import ExecutionAnnotate, ExecutionFinish, RequestResolve, SQLDriver, dumps
 from . import NEVER

@@ -9,7 +9,7 @@ write, and the leader stops acting two heartbeats before its lease could expire.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from ..drivers.base import LeaderElect, LeaderLockUnavailable, LeaderTerm, SQLDriver
 

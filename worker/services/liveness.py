@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .. import retry
 from ..drivers.base import Heartbeat, SQLDriver, WorkerInfo

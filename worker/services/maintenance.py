@@ -7,7 +7,7 @@ an outage everyone's heartbeat is old, and everyone is alive.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from ..drivers.base import PruneParams, RescueParams, SQLDriver
 from ..metrics import Metrics

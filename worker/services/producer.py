@@ -14,18 +14,31 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, time as dtime, timezone
-from typing import Any, Callable
+from datetime import date, datetime, timezone
+from datetime import time as dtime
+from typing import Any
 
 from .. import requests as rq
 from .. import retry
 from .. import schema as s
-from ..drivers.base import (ClaimedRequest, ClaimParams, ExecutionAnnotate, ExecutionFinish, ExecutionOpen, JobDef,
-                            Reject, RequestResolve, SQLDriver, StartRefused, StopParams, dumps)
+from ..drivers.base import (
+    ClaimedRequest,
+    ClaimParams,
+    ExecutionAnnotate,
+    ExecutionFinish,
+    ExecutionOpen,
+    JobDef,
+    Reject,
+    RequestResolve,
+    SQLDriver,
+    StartRefused,
+    StopParams,
+    dumps,
+)
 from ..executor import EXIT_FENCED, Event, Executor, Slot, Task
 from ..metrics import Metrics
-from . import NEVER
 from .completer import Completer
 
 log = logging.getLogger("worker.producer")
