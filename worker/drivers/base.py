@@ -858,12 +858,35 @@ class SQLDriver:
         until that session ends); True if we hold it now."""
         raise NotImplementedError(f"no session lock on {self.name}")
 
+    _lock_conn: Any = None      # the dedicated session holding the leader's lock (drivers with one)
+
     def leader_lock_held(self) -> bool:
         """Whether the session that holds our lock is still there (a round trip on it)."""
-        return False
+        if self._lock_conn is None:
+            return False
+        try:
+            self._lock_ping(self._lock_conn)
+            return True
+        except Exception:  # noqa: BLE001 - the session, and so the lock, is gone
+            self.leader_lock_release()
+            return False
 
     def leader_lock_release(self) -> None:
-        """Release the lock and close its session (idempotent)."""
+        """Release the lock and close its session (idempotent). Unlocked explicitly: closing
+        the session releases it too, but only once the server has noticed, and a successor
+        may be asking right now."""
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                self._lock_unlock(conn)
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _lock_ping(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _lock_unlock(self, conn: Any) -> None:
+        raise NotImplementedError
 
     # -- the queue as the leader's gauges see it -------------------------------------------
     def queue_depth(self) -> tuple[list[tuple[str, str, int]], float | None, int]:

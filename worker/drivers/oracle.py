@@ -302,7 +302,6 @@ class OracleDriver(SQLDriver):
 
     # -- leader and wake-ups ---------------------------------------------------------------
     supports_leader_lock = True
-    _lock_conn: Any = None
     _lock_id: int | None = None
 
     def leader_lock_try(self) -> bool:
@@ -325,24 +324,12 @@ class OracleDriver(SQLDriver):
                                             f"{DBMS_LOCK_FIX.format(user=user)} (or set DMS_LEADER_MODE=lease)") from exc
             raise
 
-    def leader_lock_held(self) -> bool:
-        if self._lock_conn is None:
-            return False
-        try:
-            self._lock_conn.ping()
-            return True
-        except Exception:  # noqa: BLE001 - the session, and so the lock, is gone
-            self.leader_lock_release()
-            return False
+    def _lock_ping(self, conn: Any) -> None:
+        conn.ping()
 
-    def leader_lock_release(self) -> None:
-        conn, self._lock_conn = self._lock_conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                with conn.cursor() as cur:
-                    cur.execute(LOCK_RELEASE_SQL, result=cur.var(int), lock_id=self._lock_id)
-            with contextlib.suppress(Exception):
-                conn.close()
+    def _lock_unlock(self, conn: Any) -> None:
+        with conn.cursor() as cur:
+            cur.execute(LOCK_RELEASE_SQL, result=cur.var(int), lock_id=self._lock_id)
 
     def listener(self) -> AqListener | None:
         """The AQ wake-up when it can work, else None (the replica polls).

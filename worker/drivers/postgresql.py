@@ -167,7 +167,6 @@ class PostgresDriver(SQLDriver):
     default_leader_mode = "lock"
 
     _claim_engine: Engine | None = None
-    _lock_conn: psycopg.Connection | None = None
 
     def _create_engine(self, url: str) -> Engine:
         u = sa.engine.make_url(url)
@@ -313,25 +312,11 @@ class PostgresDriver(SQLDriver):
             self.leader_lock_release()          # a lost session: the next attempt reconnects
             raise
 
-    def leader_lock_held(self) -> bool:
-        if self._lock_conn is None:
-            return False
-        try:
-            self._lock_conn.execute("SELECT 1")
-            return True
-        except Exception:  # noqa: BLE001 - the session, and so the lock, is gone
-            self.leader_lock_release()
-            return False
+    def _lock_ping(self, conn: Any) -> None:
+        conn.execute("SELECT 1")
 
-    def leader_lock_release(self) -> None:
-        conn, self._lock_conn = self._lock_conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                # Unlock explicitly: closing the session releases it too, but only once the
-                # server has noticed, and a successor may be asking right now.
-                conn.execute("SELECT pg_advisory_unlock(%s)", [LEADER_LOCK_ID])
-            with contextlib.suppress(Exception):
-                conn.close()
+    def _lock_unlock(self, conn: Any) -> None:
+        conn.execute("SELECT pg_advisory_unlock(%s)", [LEADER_LOCK_ID])
 
     # -- wake-ups, sessions, procedures, scripts ------------------------------------------------
     def listener(self) -> PgListener:
