@@ -93,9 +93,9 @@ class Completer:
                     self.on_lost(f.request_id)
         ended = False
         while self.resolves:
-            batch = _distinct(self.resolves[:self.batch_max])
-            self._isolated(self.driver.request_resolve_many, batch, self._fallback_resolve)
-            del self.resolves[:len(batch)]
+            resolves = _distinct(self.resolves[:self.batch_max])
+            self._isolated(self.driver.request_resolve_many, resolves, self._fallback_resolve)
+            del self.resolves[:len(resolves)]
             ended = True
         if self.annotations:
             notes = self.annotations[:]
