@@ -282,6 +282,13 @@ def clean_text(text: str) -> str:
     return text
 
 
+def driver_connection(conn: Connection) -> Any:
+    """The DBAPI driver's own connection (psycopg's, oracledb's) under ``conn``."""
+    raw = conn.connection.driver_connection
+    assert raw is not None      # Connection.connection revalidates: it never hands out a closed one
+    return raw
+
+
 # ---------------------------------------------------------------------------------------------
 # The portable implementation
 # ---------------------------------------------------------------------------------------------
