@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -496,7 +496,7 @@ class SQLDriver:
         return {r.mapref: self._job(r) for r in rows}
 
     # -- executions ------------------------------------------------------------------------
-    def execution_open(self, p: ExecutionOpen) -> int | StartRefused:
+    def execution_open(self, p: ExecutionOpen) -> int | Literal[StartRefused.LOST]:
         """Open the next DMS_PRCLOG row of a request we run (a HISTORY request's next day)."""
         c = s.prcreq.c
         with self.begin() as conn:
