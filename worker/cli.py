@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 from . import __version__
 
@@ -116,6 +116,8 @@ def _wait_for_database(driver, step) -> None:
     log = logging.getLogger("worker.cli")
 
     def waiting(state: tenacity.RetryCallState) -> None:
+        # tenacity calls before_sleep after a failed attempt (outcome) and once it chose the sleep (next_action).
+        assert state.outcome is not None and state.next_action is not None
         log.warning("database unreachable (%s); retrying in %.0f s",
                     " ".join(str(state.outcome.exception()).split())[:200], state.next_action.sleep)
 
@@ -183,7 +185,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise SystemExit(f"dms-worker: {exc}") from None
     print(rid, flush=True)     # at once: a reader (`| head -1`) need not wait for --wait
     if args.wait:
-        row = _wait_terminal(driver, rid, args.wait)
+        # _wait_terminal gives None if the row vanished meanwhile; unlike cmd_stop, this has never handled that.
+        row = cast(dict[str, Any], _wait_terminal(driver, rid, args.wait))
         print(f"{row['status']} {row['result_payload'] or ''}".rstrip())
         return 0 if row["status"] == s.DONE else 1
     return 0

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -106,7 +107,8 @@ class Config:
         if dotenv_path and Path(dotenv_path).is_file():
             env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
         env.update(os.environ if environ is None else environ)
-        values: dict[str, object] = {"database_url": _database_url(env)}
+        # Field name -> value, each of its own field's type (by _VARIABLES' parsers); __post_init__ checks them.
+        values: dict[str, Any] = {"database_url": _database_url(env)}
         for var, (name, parse) in _VARIABLES.items():
             raw = env.get(var)
             if raw is not None and raw.strip() != "":
@@ -299,7 +301,7 @@ def _database_url(env: Mapping[str, str]) -> str:
 
 
 def _validate(cfg: Config) -> None:
-    def fail(name: str, reason: str) -> None:
+    def fail(name: str, reason: str) -> NoReturn:
         raise ConfigError(f"{_FIELD_TO_VAR.get(name, name)}: {reason}")
 
     try:

@@ -161,9 +161,9 @@ def _summary(eng: sa.engine.Engine, ids: list[str]) -> None:
             print(f"  {row.status:<9} {row.request_type:<9} {row.mapref:<11} {row.result_payload}")
     print(f"\nDMS_PRCLOG: {len(logs)} executions by status {dict(Counter(row.status for row in logs))}")
     print("  executions per replica process:", dict(Counter(row.worker_id for row in logs)))
-    for row in [x for x in logs if x.param1 and x.param1[:2] == "20"][:3]:
-        print(f"  HISTORY day: prcid={row.prcid} {row.mapref} {row.status} param1={row.param1}")
+    for execution in [x for x in logs if x.param1 and x.param1[:2] == "20"][:3]:
+        print(f"  HISTORY day: prcid={execution.prcid} {execution.mapref} {execution.status} param1={execution.param1}")
     print(f"\nDMS_JOBLOG: {joblogs} rows (one per execution)")
     print(f"DMS_JOBERR: {len(errs)} rows")
-    for row in errs[:4]:
-        print(f"  {row.errtyp} {row.mapref}: {row.errmsg}")
+    for err in errs[:4]:
+        print(f"  {err.errtyp} {err.mapref}: {err.errmsg}")

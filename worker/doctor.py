@@ -13,6 +13,7 @@ why instead of stopping the others. Nothing here changes the database.
 """
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
@@ -107,7 +108,7 @@ def run_checks(cfg: Config) -> list[Check]:
         checks.append(_guard("V003 columns", lambda: _v003_check(ctx)))
         checks.extend(_privilege_checks(ctx))
         for name, check in (("leader lock", _lock_check), ("wake-up", _wakeup_check), ("file jobs", _files_check)):
-            checks.append(_guard(name, lambda c=check: c(ctx)))
+            checks.append(_guard(name, functools.partial(check, ctx)))
         if ctx.dialect == "oracle":
             checks.append(_guard("stop a stuck call", lambda: _oracle_kill_check(ctx)))
     finally:

@@ -19,9 +19,9 @@ from multiprocessing_logging import MultiProcessingHandler
 
 # The start method of every process the replica starts: a fork server where the platform
 # forks (children ready in milliseconds, clean of the replica's threads and connections),
-# spawn elsewhere (Windows).
-CONTEXT = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
-                                      else "spawn")
+# spawn elsewhere (Windows). Two literal calls, so that the type is a context with .Process.
+CONTEXT = (multiprocessing.get_context("forkserver") if "forkserver" in multiprocessing.get_all_start_methods()
+           else multiprocessing.get_context("spawn"))
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 

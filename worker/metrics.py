@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -305,7 +306,9 @@ class MetricsServer:
     def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
         self._httpd = httpd
         self._thread = thread
-        self.addr: str = httpd.server_address[0]
+        # An AF_INET/AF_INET6 server's address is (host, port, ...), host a str: typeshed's type
+        # also covers AF_UNIX and bytes hosts.
+        self.addr: str = cast(str, httpd.server_address[0])
         self.port: int = httpd.server_address[1]
 
     def close(self) -> None:

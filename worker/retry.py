@@ -43,5 +43,7 @@ def db_retrying(is_transient: Callable[[BaseException], bool],
     """A tenacity ``Retrying`` with the database policy, for code that may block while it
     waits (the CLI, start-up): retries transient errors until ``stop()`` says otherwise."""
     return tenacity.Retrying(retry=tenacity.retry_if_exception(is_transient), wait=DB_WAIT,
-                             stop=tenacity.stop_any(lambda _s: stop()), sleep=sleep,
+                             # stop_any only calls each stop: any StopBaseT works, though it annotates stop_base
+                             stop=tenacity.stop_any(lambda _s: stop()),  # type: ignore[arg-type]
+                             sleep=sleep,
                              before_sleep=before_sleep, reraise=True)

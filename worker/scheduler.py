@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import overload
 
 from .drivers.base import JobDef, OccurrenceEnqueue, ScheduleRow, SQLDriver
 from .schedule import InvalidSchedule, Misfire, Schedule, last_at_or_before, parse_misfire, parse_schedule, plan_due
@@ -40,10 +41,18 @@ class _Entry:
     error: str | None = None
 
 
+@overload
+def _utc(value: datetime) -> datetime: ...
+@overload
+def _utc(value: datetime | None) -> datetime | None: ...
 def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.replace(tzinfo=UTC)
 
 
+@overload
+def _naive_utc(value: datetime) -> datetime: ...
+@overload
+def _naive_utc(value: datetime | None) -> datetime | None: ...
 def _naive_utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
 
@@ -101,7 +110,8 @@ def dependency_problems(rows: list[ScheduleRow], states: dict[int, dict],
     for row in rows:
         if row.dpnd_jobschid is None or row.jobschid in known_bad:
             continue
-        chain, nxt = [row.jobschid], row.dpnd_jobschid
+        chain = [row.jobschid]
+        nxt: int | None = row.dpnd_jobschid
         while nxt is not None and nxt in current and nxt not in chain:
             chain.append(nxt)
             nxt = current[nxt].dpnd_jobschid
@@ -168,6 +178,7 @@ class Scheduler:
 
     def _materialise(self, entry: _Entry, worker_id: str, epoch: int, db_now: datetime) -> int:
         row, sched = entry.row, entry.schedule
+        assert sched is not None        # tick() materialises only entries with a schedule
         last_done = _utc(row.lst_run_dt)
         plan = plan_due(sched, last_done=last_done, now=db_now, misfire=entry.misfire,
                         max_catch_up=self.max_catch_up)
@@ -216,10 +227,10 @@ class Scheduler:
             entries.append(entry)
         invalid.update(dependency_problems(rows, states, invalid))
         for entry in entries:
-            exc = invalid.get(entry.row.jobschid)
-            if exc is not None:
-                entry.schedule, entry.error = None, str(exc)
-                self._report(entry.row, exc)
+            problem = invalid.get(entry.row.jobschid)
+            if problem is not None:
+                entry.schedule, entry.error = None, str(problem)
+                self._report(entry.row, problem)
         self._record_reasons(worker_id, epoch, states, {j: str(e) for j, e in invalid.items()})
         self._entries = [e for e in entries if e.error is None]
 

@@ -27,7 +27,7 @@ from .config import Config, ConfigError
 from .drivers import make_driver
 from .drivers.base import Listener, SQLDriver, WorkerInfo
 from .executor import ChildConfig, Executor
-from .metrics import Metrics, serve
+from .metrics import Metrics, MetricsServer, serve
 from .scheduler import LeadershipLost, Scheduler
 from .services import NEVER
 from .services.completer import Completer
@@ -101,7 +101,7 @@ class SchedulerService:
         self._liveness_stop = threading.Event()
         self._liveness_thread: threading.Thread | None = None
         self._stopped = threading.Event()
-        self._metrics_server = None
+        self._metrics_server: MetricsServer | None = None
         self._db_down = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -191,8 +191,10 @@ class SchedulerService:
             self._listener.demand(0 if self._draining else self.producer.ready_slots())
 
     def _schedule(self, now: float) -> None:
+        epoch = self.leadership.epoch
+        assert epoch is not None        # _iteration schedules only while leading, i.e. holding an epoch
         try:
-            self.scheduler.tick(self.worker_id, self.leadership.epoch, now)
+            self.scheduler.tick(self.worker_id, epoch, now)
         except LeadershipLost as exc:
             log.warning("%s; stepping down", exc)
             self.leadership.step_down()
@@ -293,7 +295,7 @@ class SchedulerService:
                         pass
                 except (BlockingIOError, OSError):
                     pass
-            elif ready is self._listener:
+            elif self._listener is not None and ready is self._listener:
                 try:
                     fired = self._listener.drain()
                 except Exception:  # noqa: BLE001 - reopened later

@@ -73,7 +73,9 @@ class ConsoleAuth:
         return cls(token=token, users=load_users(Path(path)) if path else {})
 
     def check_token(self, given: str | None) -> bool:
-        return bool(self.token and given) and hmac.compare_digest(self.token.encode(), given.encode())
+        if not (self.token and given):
+            return False
+        return hmac.compare_digest(self.token.encode(), given.encode())
 
     def check_user(self, name: str, password: str) -> User | None:
         user = self.users.get(name)
@@ -84,11 +86,12 @@ class ConsoleAuth:
     def fingerprint(self, secret: bytes, who: str) -> str | None:
         """Binds a session to the credential it logged in with: a changed token or password (or
         a removed user) ends the sessions made with the old one."""
+        material: str | None
         if who == "token":
             material = self.token
         else:
             user = self.users.get(who)
-            material = user and f"{user.role}:{user.password_hash}"
+            material = f"{user.role}:{user.password_hash}" if user else None
         if not material:
             return None
         return hmac.new(secret, f"{who}\0{material}".encode(), hashlib.sha256).hexdigest()
@@ -164,7 +167,9 @@ def new_csrf_token() -> str:
 
 
 def csrf_ok(expected: str | None, given: str | None) -> bool:
-    return bool(expected and given) and hmac.compare_digest(expected.encode(), given.encode())
+    if not (expected and given):
+        return False
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 class LoginThrottle:

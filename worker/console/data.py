@@ -198,9 +198,9 @@ def request_query(f: RequestFilter, *, limit: int = PAGE_DEFAULT, cursor: str | 
 def request_page(conn: Connection, f: RequestFilter, *, limit: int = PAGE_DEFAULT,
                  cursor: str | None = None) -> dict[str, Any]:
     """One page of requests, newest first, and the cursor of the next page (None at the end)."""
-    rows = conn.execute(request_query(f, limit=limit, cursor=cursor)).mappings().all()
-    more = len(rows) > limit
-    rows = [dict(r) for r in rows[:limit]]
+    found = conn.execute(request_query(f, limit=limit, cursor=cursor)).mappings().all()
+    more = len(found) > limit
+    rows = [dict(r) for r in found[:limit]]
     paused = paused_jobs(conn) if any(r["status"] == s.NEW for r in rows) else set()
     for r in rows:
         r["paused"] = r["status"] == s.NEW and r["mapref"] in paused
@@ -232,15 +232,18 @@ def request_detail(conn: Connection, request_id: str) -> dict[str, Any] | None:
     execs = [dict(e) for e in conn.execute(sa.select(s.prclog).where(p.request_id == request_id)
                                            .order_by(p.strtdt, p.prcid)).mappings()]
     ids = [e["prcid"] for e in execs]
-    counts, errors, error_total = {}, {}, {}
+    # By prcid: DMS_JOBLOG's counts, the first DMS_JOBERR rows, how many DMS_JOBERR rows in all.
+    counts: dict[int, dict[str, Any]] = {}
+    errors: dict[int, list[dict[str, Any]]] = {}
+    error_total: dict[int, int] = {}
     if ids:
         for r in conn.execute(sa.select(jl.prcid, jl.srcrows, jl.trgrows, jl.errrows).where(jl.prcid.in_(ids))):
             counts[r.prcid] = dict(srcrows=r.srcrows, trgrows=r.trgrows, errrows=r.errrows)
         for r in conn.execute(sa.select(je.prcid, sa.func.count()).where(je.prcid.in_(ids)).group_by(je.prcid)):
             error_total[r[0]] = r[1]
-        for r in conn.execute(sa.select(je.prcid, je.errid, je.errtyp, je.errmsg, je.dberrmsg, je.keyvalue)
-                              .where(je.prcid.in_(ids)).order_by(je.prcid, je.errid).limit(ERRORS_PER_REQUEST)).mappings():
-            errors.setdefault(r["prcid"], []).append(dict(r))
+        for err in conn.execute(sa.select(je.prcid, je.errid, je.errtyp, je.errmsg, je.dberrmsg, je.keyvalue)
+                                .where(je.prcid.in_(ids)).order_by(je.prcid, je.errid).limit(ERRORS_PER_REQUEST)).mappings():
+            errors.setdefault(err["prcid"], []).append(dict(err))
     for e in execs:
         e["duration_s"] = _age(e["enddt"] or now, e["strtdt"])
         e["counts"] = counts.get(e["prcid"])

@@ -244,7 +244,7 @@ def create_blueprint(database: str | Engine, *, auth: ConsoleAuth | None = None,
     def back(default: str) -> str:
         return safe_path(request.form.get("next"), default)
 
-    def act(message: Callable[[], str], default_next: Callable[[], str]):
+    def act(message: Callable[..., str], default_next: Callable[..., str]):
         """Run an action; answer with JSON (scripts) or a flash message and a redirect (browsers)."""
         def decorator(func):
             @functools.wraps(func)
@@ -430,8 +430,9 @@ def create_blueprint(database: str | Engine, *, auth: ConsoleAuth | None = None,
     def job_enqueue(mapref: str):
         form = request.form
         kind = (form.get("request_type") or s.IMMEDIATE).upper()
-        params = {k: form[k] for k in (*s.PARAM_COLUMNS, "truncate_flag") if form.get(k, "").strip()}
-        extra = {}
+        # Keyword arguments of client.enqueue: payload params, then its priority and unique_key.
+        params: dict[str, Any] = {k: form[k] for k in (*s.PARAM_COLUMNS, "truncate_flag") if form.get(k, "").strip()}
+        extra: dict[str, Any] = {}
         if form.get("priority", "").strip():
             try:
                 extra["priority"] = int(form["priority"])

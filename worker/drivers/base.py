@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -282,6 +282,13 @@ def clean_text(text: str) -> str:
     return text
 
 
+def driver_connection(conn: Connection) -> Any:
+    """The DBAPI driver's own connection (psycopg's, oracledb's) under ``conn``."""
+    raw = conn.connection.driver_connection
+    assert raw is not None      # Connection.connection revalidates: it never hands out a closed one
+    return raw
+
+
 # ---------------------------------------------------------------------------------------------
 # The portable implementation
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +469,8 @@ class SQLDriver:
     def _pick(candidates: Iterable[tuple[str, str, str, JobDef | None]], limit: int) -> list[tuple[str, JobDef | None, str]]:
         """From (request_id, mapref, request_type, job) in queue order: at most ``limit``, and
         at most one per no-overlap mapref (only one of them could start)."""
-        picked, busy = [], set()
+        picked: list[tuple[str, JobDef | None, str]] = []
+        busy: set[str] = set()
         for rid, mapref, rtype, job in candidates:
             if len(picked) >= limit:
                 break
@@ -488,7 +496,7 @@ class SQLDriver:
         return {r.mapref: self._job(r) for r in rows}
 
     # -- executions ------------------------------------------------------------------------
-    def execution_open(self, p: ExecutionOpen) -> int | StartRefused:
+    def execution_open(self, p: ExecutionOpen) -> int | Literal[StartRefused.LOST]:
         """Open the next DMS_PRCLOG row of a request we run (a HISTORY request's next day)."""
         c = s.prcreq.c
         with self.begin() as conn:
@@ -694,7 +702,8 @@ class SQLDriver:
                                 .where(c.status.in_(s.RUNNING_STATUSES),
                                        sa.or_(c.claimed_by.is_(None), c.claimed_by.notin_(live)))
                                 .order_by(c.claimed_at).limit(p.limit)).all()
-            requeued, failed = [], []
+            requeued: list[str] = []
+            failed: list[str] = []
             for r in rows:
                 owner = c.claimed_by.is_(None) if r.claimed_by is None else c.claimed_by == r.claimed_by
                 reason = (f"rescued: worker {r.claimed_by} stopped heartbeating" if r.claimed_by
@@ -948,7 +957,7 @@ class SQLDriver:
             replicas.append(dict(r, heartbeat_age_s=seconds(now, r["heartbeat_at"]), alive=expires >= now,
                                  dead_for_s=None if expires >= now else seconds(now, expires)))
         alive = {r["worker_id"] for r in replicas if r["alive"]}
-        mode = (lease or {}).get("mode") or leader_mode or self.default_leader_mode
+        mode = (lease.get("mode") if lease else None) or leader_mode or self.default_leader_mode
         leader = None
         last_leader = None
         if lease is not None and lease["holder"] is not None:

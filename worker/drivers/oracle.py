@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .. import schema as s
 from ..config import ConfigError
-from .base import ClaimedRequest, ClaimParams, JobDef, LeaderLockUnavailable, Listener, SQLDriver
+from .base import ClaimedRequest, ClaimParams, JobDef, LeaderLockUnavailable, Listener, SQLDriver, driver_connection
 from .oracle_script import split_script
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class OracleDriver(SQLDriver):
     def _fetch_locked(conn: Connection, sql: str, binds: dict[str, Any], n: int) -> list[tuple]:
         """Fetch and lock at most ``n`` rows of a SKIP LOCKED cursor: every row the server ships
         is locked, so the first round trip (prefetch) and any later one (arraysize) carry n."""
-        cursor = conn.connection.driver_connection.cursor()
+        cursor = driver_connection(conn).cursor()
         try:
             cursor.prefetchrows = n
             cursor.arraysize = n
@@ -412,13 +412,15 @@ class OracleDriver(SQLDriver):
         result = conn.execute(stmt, {f"a{i}": v for i, v in enumerate(values)})
         if not counts:
             return None
-        out = result.out_parameters
-        return tuple(None if out.get(k) is None else int(out[k]) for k in _COUNT_BINDS)
+        # Documented (sa.outparam) and set at run time by the dialect, but not declared on CursorResult.
+        out: dict[str, Any] = result.out_parameters  # type: ignore[attr-defined]
+        srcrows, trgrows, errrows = (None if out.get(k) is None else int(out[k]) for k in _COUNT_BINDS)
+        return srcrows, trgrows, errrows
 
     def execution_lock(self, conn: Connection, mapref: str, timeout_s: float) -> bool:
         """``DBMS_LOCK.REQUEST`` in the execution's own session on the mapref's id, kept across
         commits: held until released, or until the server has really ended that session's call."""
-        cursor = conn.connection.driver_connection.cursor()
+        cursor = driver_connection(conn).cursor()
         try:
             ident = lock_id(current_schema(cursor), f"mapref:{mapref}")
             return _lock_request(cursor, ident, timeout_s=max(0, int(round(timeout_s))), quiet=True) != _LOCK_TIMEOUT
@@ -426,7 +428,7 @@ class OracleDriver(SQLDriver):
             cursor.close()
 
     def execution_unlock(self, conn: Connection, mapref: str) -> None:
-        cursor = conn.connection.driver_connection.cursor()
+        cursor = driver_connection(conn).cursor()
         try:
             ident = lock_id(current_schema(cursor), f"mapref:{mapref}")
             cursor.execute(LOCK_RELEASE_SQL, result=cursor.var(int), lock_id=ident)
@@ -455,7 +457,7 @@ class OracleDriver(SQLDriver):
     @contextlib.contextmanager
     def migration_lock(self, conn: Connection) -> Iterator[None]:
         """A session lock, not a transaction one: DDL commits and would release the latter."""
-        cursor = conn.connection.driver_connection.cursor()
+        cursor = driver_connection(conn).cursor()
         ident = lock_id(current_schema(cursor), "migration")
         try:
             _lock_request(cursor, ident, timeout_s=600)

@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
 from .. import schema as s
-from .base import ClaimedRequest, ClaimParams, ExecutionFinish, JobDef, Listener, SQLDriver
+from .base import ClaimedRequest, ClaimParams, ExecutionFinish, JobDef, Listener, SQLDriver, driver_connection
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 MIGRATION_LOCK_ID = 0x646D7301  # 'dms' + 1: serialises concurrent `migrate` runs
@@ -188,7 +188,7 @@ class PostgresDriver(SQLDriver):
                     tcp_user_timeout=int(max(1.0, 2 * bound) * 1000), connect_timeout=max(2, int(2 * bound)))
 
     def _session_settings(self) -> tuple[str, ...]:
-        settings = (f"SET search_path TO {_quote_ident(self.schema)}",) if self.schema else ()
+        settings: tuple[str, ...] = (f"SET search_path TO {_quote_ident(self.schema)}",) if self.schema else ()
         if self.statement_timeout_s:
             ms = int(self.statement_timeout_s * 1000)
             # The replica's own statements: none runs, waits for a lock, or leaves a transaction
@@ -369,7 +369,7 @@ class PostgresDriver(SQLDriver):
     def run_script(self, conn: Connection, script: str) -> None:
         # Without parameters psycopg sends the text as one simple query: several statements,
         # dollar-quoted function bodies and all, exactly as psql would run them.
-        conn.connection.driver_connection.execute(script)
+        driver_connection(conn).execute(script)
 
     @contextlib.contextmanager
     def migration_lock(self, conn: Connection) -> Iterator[None]:

@@ -36,7 +36,7 @@ import re
 from collections.abc import Iterator
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, overload
 
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
@@ -536,7 +536,9 @@ class _Loader:
         # Upsert: update each row by its key; insert those that matched nothing with one
         # executemany. A key seen twice in the batch flushes the pending inserts first, so the
         # later row updates the earlier one (last one wins, as if loaded one at a time).
-        done, pending, pending_keys = 0, [], set()
+        done = 0
+        pending: list[dict[str, Any]] = []
+        pending_keys: set[tuple[Any, ...]] = set()
         for row in rows:
             k = tuple(row[c] for c in self.key)
             if k in pending_keys:
@@ -558,6 +560,10 @@ class _Loader:
 # ---------------------------------------------------------------------------------------------
 # options and connections
 # ---------------------------------------------------------------------------------------------
+@overload
+def _text_option(p: dict[str, Any], name: str, required: Literal[True]) -> str: ...
+@overload
+def _text_option(p: dict[str, Any], name: str, required: bool = False) -> str | None: ...
 def _text_option(p: dict[str, Any], name: str, required: bool = False) -> str | None:
     value = p.get(name)
     if value is None or value == "":

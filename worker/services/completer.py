@@ -27,7 +27,7 @@ T = TypeVar("T", ExecutionFinish, RequestResolve)
 
 class Completer:
     def __init__(self, driver: SQLDriver, *, window_s: float = 0.002, batch_max: int = 500,
-                 on_lost: Callable[[str], None] = lambda request_id: None,
+                 on_lost: Callable[[str], object] = lambda request_id: None,   # its result is ignored
                  on_written: Callable[[], None] = lambda: None) -> None:
         self.driver, self.window_s, self.batch_max, self.on_lost = driver, window_s, batch_max, on_lost
         # Called after requests were ended or handed back: a no-overlap mapref they held is free.
@@ -93,9 +93,9 @@ class Completer:
                     self.on_lost(f.request_id)
         ended = False
         while self.resolves:
-            batch = _distinct(self.resolves[:self.batch_max])
-            self._isolated(self.driver.request_resolve_many, batch, self._fallback_resolve)
-            del self.resolves[:len(batch)]
+            resolves = _distinct(self.resolves[:self.batch_max])
+            self._isolated(self.driver.request_resolve_many, resolves, self._fallback_resolve)
+            del self.resolves[:len(resolves)]
             ended = True
         if self.annotations:
             notes = self.annotations[:]
