@@ -34,7 +34,9 @@ def start(pg_url, tmp_path, request):
     started: list[Replica] = []
 
     def run(name: str, url: str | None = None, **env) -> Replica:
-        r = Replica(url or pg_url, name, tmp_path, **env).start()
+        # Teardown drains: a short grace, or a replica cut off from its database or running a
+        # long job keeps the test waiting for the default 30 s.
+        r = Replica(url or pg_url, name, tmp_path, **{"DMS_SHUTDOWN_GRACE": "2", **env}).start()
         started.append(r)
         return r
 

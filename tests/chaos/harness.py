@@ -346,9 +346,10 @@ class ChaosRun:
             # The job that must never overlap: every 5 seconds, 0.3 s each, plus immediate requests.
             conn.execute(sa.insert(s.jobsch).values(mapref="CH_SOLO", cronexp="* * * * * */5",
                                                     params=json.dumps({"seconds": 0.3}), **sched))
-            # A schedule that cannot be interpreted: skipped with a logged reason, the others fire.
-            conn.execute(sa.insert(s.jobsch).values(mapref="CH_TICK", frqcd="XX", schflg="Y", curflg="Y",
-                                                    misfire="LATEST"))
+            # A schedule that cannot be interpreted (a weekday that is none; an unknown frqcd is
+            # refused by the table's CHECK): skipped with the reason on its row, the others fire.
+            conn.execute(sa.insert(s.jobsch).values(mapref="CH_TICK", frqcd="WK", frqdd="XYZ", schflg="Y",
+                                                    curflg="Y", misfire="LATEST"))
 
     def _start(self, slot: Slot) -> None:
         slot.generation += 1
