@@ -39,6 +39,10 @@ def test_a_replica_runs_as_the_least_privilege_postgresql_role(pg_url, tmp_path)
                 return conn.execute(sa.text("SELECT count(*) FROM dms_prcreq WHERE jobschid IS NOT NULL "
                                             "AND status = 'DONE'")).scalar() >= 2
         wait_until(scheduled_done, 30, "scheduled occurrences to run")
+        with as_role.begin() as conn:          # an incremental export's watermark (worker.jobs.state)
+            from worker.jobs import state
+            state.put(conn, "ROLE_JOB", "watermark", "2026-01-01")
+            assert state.get(conn, "ROLE_JOB", "watermark") == "2026-01-01"
         with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
             with as_role.begin() as conn:
                 conn.execute(sa.text("CREATE TABLE dms_sneaky (x int)"))
