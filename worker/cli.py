@@ -121,8 +121,8 @@ def _wait_for_database(driver, step) -> None:
         log.warning("database unreachable (%s); retrying in %.0f s",
                     " ".join(str(state.outcome.exception()).split())[:200], state.next_action.sleep)
 
-    tenacity.Retrying(retry=tenacity.retry_if_exception(driver.is_transient), reraise=True,
-                      wait=tenacity.wait_exponential(multiplier=0.5, max=10), before_sleep=waiting)(step)
+    from .retry import db_retrying
+    db_retrying(driver.is_transient, before_sleep=waiting)(step)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
