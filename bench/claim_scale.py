@@ -93,18 +93,18 @@ def explain(driver, engine: sa.Engine, p: ClaimParams) -> tuple[dict[str, str], 
         # The generic plan: the statement prepared with typed $n parameters, as psycopg's
         # server-side prepared statements send it after a few executions.
         numbered = _CLAIM_SQL
-        for i, name in enumerate(["worker_id", "job_limit", "control_types", "control_limit"], 1):
+        for i, name in enumerate(["worker_id", "job_limit", "scan_limit", "control_types", "control_limit"], 1):
             numbered = numbered.replace(f":{name}", f"${i}")
         conn.exec_driver_sql("BEGIN")
         try:
             conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
-            conn.exec_driver_sql(f"PREPARE dms_claim_generic(varchar, int, varchar[], int) AS {numbered}")
+            conn.exec_driver_sql(f"PREPARE dms_claim_generic(varchar, int, int, varchar[], int) AS {numbered}")
             # EXECUTE under EXPLAIN takes no bind parameters: literals (ours, quoted by the server).
             lit = conn.execute(sa.text("SELECT quote_literal(:w), quote_literal(CAST(:c AS varchar[]))"),
                                dict(w=params["worker_id"], c=params["control_types"])).one()
             rows = conn.exec_driver_sql(
                 f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE dms_claim_generic({lit[0]}, {int(params['job_limit'])}, "
-                f"{lit[1]}, {int(params['control_limit'])})").all()
+                f"{int(params['scan_limit'])}, {lit[1]}, {int(params['control_limit'])})").all()
             plans["generic"] = "\n".join(r[0] for r in rows)
         finally:
             conn.exec_driver_sql("ROLLBACK")

@@ -159,6 +159,9 @@ WITH input AS (
 SELECT request_id FROM req
 """
 
+# Parsed once: a TextClause finds its bind parameters when it is built (a claim costs ~0.1 ms less).
+_CLAIM, _FINISH = sa.text(_CLAIM_SQL), sa.text(_FINISH_SQL)
+
 
 class PostgresDriver(SQLDriver):
     name = "postgresql"
@@ -210,15 +213,16 @@ class PostgresDriver(SQLDriver):
         conn.exec_driver_sql(f"SET LOCAL idle_in_transaction_session_timeout = {ms}")
 
     def _claim_connection(self) -> Connection:
-        """Claims run on connections of their own whose planner must walk the claim index in
-        queue order. Left to statistics, a table that was never analysed, or has just taken a
+        """Claims and finishes, one statement each, run on autocommit connections of their own
+        (no BEGIN, no COMMIT, nothing to reset on return), whose planner must walk the claim
+        index in queue order. Left to statistics, a table that was never analysed, or has just taken a
         burst of rows, is estimated to hold a handful of NEW rows: the planner then reads and
         sorts every NEW row on each claim (40 ms at 20,000 rows, growing with the queue)
         instead of stopping after the first few (0.1 ms). The candidates' ORDER BY matches the
         partial claim index, so it needs no sort."""
         if self._claim_engine is None:
             engine = sa.create_engine(self.engine.url, pool_size=1, max_overflow=2, isolation_level="AUTOCOMMIT",
-                                      connect_args=self._connect_args())
+                                      pool_reset_on_return=None, connect_args=self._connect_args())
 
             @sa.event.listens_for(engine, "connect")
             def _planner(dbapi_conn, _record):  # noqa: ANN001
@@ -233,12 +237,6 @@ class PostgresDriver(SQLDriver):
         if self._claim_engine is not None:
             self._claim_engine.dispose()
         super().dispose()
-
-    @contextlib.contextmanager
-    def _single_statement(self) -> Iterator[Connection]:
-        """For one statement that is its own transaction: no BEGIN and COMMIT round trips."""
-        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            yield conn
 
     @property
     def libpq_url(self) -> str:
@@ -258,7 +256,7 @@ class PostgresDriver(SQLDriver):
         for attempt in (1, 2):
             try:
                 with self._claim_connection() as conn:
-                    rows = conn.execute(sa.text(_CLAIM_SQL), binds).all()
+                    rows = conn.execute(_CLAIM, binds).all()
                 break
             except sa.exc.IntegrityError:
                 # Two replicas started one no-overlap mapref at the same instant: the unique
@@ -294,8 +292,8 @@ class PostgresDriver(SQLDriver):
         binds.update(err_prcids=[pid for pid, _ in errors], err_types=[e["errtyp"] for _, e in errors],
                      err_msgs=[e["errmsg"] for _, e in errors], err_dbmsgs=[e["dberrmsg"] for _, e in errors],
                      err_keys=[e["keyvalue"] for _, e in errors])
-        with self._single_statement() as conn:
-            owned = set(conn.execute(sa.text(_FINISH_SQL), binds).scalars())
+        with self._claim_connection() as conn:     # one statement, its own transaction (autocommit)
+            owned = set(conn.execute(_FINISH, binds).scalars())
         return [f.request_id in owned for f in finishes]
 
     def _insert_occurrences(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
