@@ -83,7 +83,7 @@ class SchedulerService:
         self.producer = Producer(
             self.driver, self.worker_id, self.executor, self.completer, self.metrics,
             ProducerSettings(poll_interval_s=cfg.poll_interval, stop_check_s=cfg.heartbeat_interval,
-                             stop_grace_s=cfg.stop_grace, retry_max_delay_s=cfg.retry_max_delay, fence_s=cfg.fence_s),
+                             stop_grace_s=cfg.stop_grace, retry_max_delay_s=cfg.retry_max_delay),
             leading=lambda: self.leadership.leading(time.monotonic()), on_refresh=self.scheduler.refresh_now)
         self.completer.on_lost = lambda rid: self.producer.flights.pop(rid, None)
         self.completer.on_written = self.producer.wake

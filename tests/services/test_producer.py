@@ -25,7 +25,7 @@ def rig(lite):
     completer = Completer(lite, window_s=0.0)
     producer = Producer(lite, W, executor, completer, Metrics(W),
                         ProducerSettings(poll_interval_s=15, stop_check_s=1, stop_grace_s=0.5,
-                                         retry_max_delay_s=3600, fence_s=6))
+                                         retry_max_delay_s=3600))
     completer.on_written = producer.wake
 
     class Rig:

@@ -488,11 +488,14 @@ class SQLDriver:
 
     # -- jobs ------------------------------------------------------------------------------
     def job_get_many(self, maprefs: Iterable[str]) -> dict[str, JobDef]:
+        with self.engine.connect() as conn:
+            return self._jobs(conn, maprefs)
+
+    def _jobs(self, conn: Connection, maprefs: Iterable[str]) -> dict[str, JobDef]:
         wanted = sorted(set(maprefs))
         if not wanted:
             return {}
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(s.job).where(s.job.c.mapref.in_(wanted))).all()
+        rows = conn.execute(sa.select(s.job).where(s.job.c.mapref.in_(wanted))).all()
         return {r.mapref: self._job(r) for r in rows}
 
     # -- executions ------------------------------------------------------------------------
@@ -507,7 +510,7 @@ class SQLDriver:
             return int(conn.execute(sa.insert(s.prclog).values(
                 mapref=p.mapref, strtdt=self.clock(), status=s.IN_PROGRESS, request_id=p.request_id,
                 worker_id=p.worker_id, attempt=p.attempt,
-                **{k: self._fit(p.params.get(k), 250) for k in s.PARAM_COLUMNS},
+                **self._param_columns(p.params),
             ).returning(s.prclog.c.prcid)).scalar_one())
 
     def execution_annotate_many(self, notes: Sequence[ExecutionAnnotate]) -> None:
@@ -516,7 +519,7 @@ class SQLDriver:
             for n in notes:
                 values: dict[str, Any] = {}
                 if n.params is not None:
-                    values.update({k: self._fit(n.params.get(k), 250) for k in s.PARAM_COLUMNS})
+                    values.update(self._param_columns(n.params))
                 if n.sessionid is not None:
                     values["sessionid"] = self._fit(n.sessionid, 64)
                 if values:
@@ -562,11 +565,15 @@ class SQLDriver:
                                result_payload=result_payload)
         return conn.execute(stmt).rowcount == 1
 
+    def _param_columns(self, params: dict[str, str | None]) -> dict[str, str | None]:
+        """DMS_PRCLOG.param1..10 from a run's params, storable and clipped to their columns."""
+        return {k: self._fit(params.get(k), 250) for k in s.PARAM_COLUMNS}
+
     def _finish_one(self, conn: Connection, f: ExecutionFinish) -> bool:
         if not self._request_transition(conn, f.request_id, f.worker_id, f.request_status, (s.PROCESSING,),
                                         f.result_payload, f.retry_delay_s, f.refund_attempt):
             return False
-        params = {k: self._fit(f.params.get(k), 250) for k in s.PARAM_COLUMNS} if f.params is not None else {}
+        params = self._param_columns(f.params) if f.params is not None else {}
         conn.execute(sa.update(s.prclog).where(s.prclog.c.prcid == f.prcid).values(
             status=f.log_status, enddt=self.clock(), msg=self._fit(f.msg, 4000), **params,
             **({"sessionid": self._fit(f.sessionid, 64)} if f.sessionid else {})))

@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .. import schema as s
 from ..config import ConfigError
-from .base import ClaimedRequest, ClaimParams, JobDef, LeaderLockUnavailable, Listener, SQLDriver, driver_connection
+from .base import ClaimedRequest, ClaimParams, LeaderLockUnavailable, Listener, SQLDriver, driver_connection
 from .oracle_script import split_script
 
 log = logging.getLogger(__name__)
@@ -265,15 +265,9 @@ class OracleDriver(SQLDriver):
                 rows = self._fetch_locked(conn, CLAIM_JOBS_SQL, {}, 3 * p.job_limit + 5)
                 # DMS_JOB.params is a CLOB: read the jobs apart from the locking cursor (a LOB
                 # there would turn off prefetch and lock rows we never fetch).
-                jobs = self._jobs_in(conn, {row[1] for row in rows})
+                jobs = self._jobs(conn, {row[1] for row in rows})
                 picked = self._pick(((rid, mapref, rtype, jobs.get(mapref)) for rid, mapref, rtype in rows), p.job_limit)
             return self._start_picked(conn, p.worker_id, picked, control_ids)
-
-    def _jobs_in(self, conn: Connection, maprefs: set[str]) -> dict[str, JobDef]:
-        if not maprefs:
-            return {}
-        rows = conn.execute(sa.select(s.job).where(s.job.c.mapref.in_(sorted(maprefs)))).all()
-        return {r.mapref: self._job(r) for r in rows}
 
     @staticmethod
     def _fetch_locked(conn: Connection, sql: str, binds: dict[str, Any], n: int) -> list[tuple]:

@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 
 from .. import schema as s
-from .base import ClaimedRequest, ClaimParams, ExecutionFinish, JobDef, Listener, SQLDriver, driver_connection
+from .base import ClaimedRequest, ClaimParams, ExecutionFinish, Listener, SQLDriver, driver_connection
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$")
 MIGRATION_LOCK_ID = 0x646D7301  # 'dms' + 1: serialises concurrent `migrate` runs
@@ -31,7 +31,7 @@ LEADER_LOCK_ID = 0x646D7302     # 'dms' + 2: the scheduler leader's session advi
 
 _NOW = "timezone('UTC', statement_timestamp())"
 _PARAMS = ", ".join(f"param{i}" for i in range(1, 11))
-_JOB_COLUMNS = "j.handler, j.timeout_s, j.max_attempts, j.retry_delay_s, j.allow_overlap, j.enabled, j.params AS job_params"
+_JOB_COLUMNS = "j.handler, j.timeout_s, j.max_attempts, j.retry_delay_s, j.allow_overlap, j.enabled, j.params"
 
 # Claim and start, in one statement. Control requests (STOP, REFRESH_SCHEDULE) never wait behind
 # jobs. Job candidates are locked as they are picked (competing replicas skip them), in queue
@@ -264,11 +264,7 @@ class PostgresDriver(SQLDriver):
                 # winner has committed, and its mapref is now skipped.
                 if attempt == 2:
                     return []
-        jobs = {r.mapref: JobDef(mapref=r.mapref, handler=r.handler, timeout_s=r.timeout_s,
-                                 max_attempts=max(1, r.max_attempts or 1), retry_delay_s=max(0, r.retry_delay_s or 0),
-                                 allow_overlap=(r.allow_overlap or "N").upper() == "Y",
-                                 enabled=(r.enabled or "Y").upper() == "Y", params=r.job_params)
-                for r in rows if r.job_mapref is not None}
+        jobs = {r.mapref: self._job(r) for r in rows if r.job_mapref is not None}
         return self._claimed(rows, {r.request_id: int(r.prcid) for r in rows if r.prcid is not None}, jobs)
 
     def execution_finish_many(self, finishes: Sequence[ExecutionFinish]) -> list[bool]:

@@ -134,15 +134,18 @@ class Completer:
 
     @staticmethod
     def _fallback_finish(f: ExecutionFinish, exc: BaseException) -> ExecutionFinish | None:
-        reason = f"the outcome could not be recorded: {' '.join(str(getattr(exc, 'orig', exc)).split())[:300]}"
+        reason = _unrecorded(exc)
         return replace(f, log_status="FL", msg=reason, rejects=(), error=("RECORD_OUTCOME", reason, None), params=None,
                        request_status="FAILED", result_payload=dumps({"error": reason}), sessionid=None,
                        jobschid=None, scheduled_for=None)
 
     @staticmethod
     def _fallback_resolve(r: RequestResolve, exc: BaseException) -> RequestResolve | None:
-        reason = f"the outcome could not be recorded: {' '.join(str(getattr(exc, 'orig', exc)).split())[:300]}"
-        return replace(r, status="FAILED", result_payload=dumps({"error": reason}))
+        return replace(r, status="FAILED", result_payload=dumps({"error": _unrecorded(exc)}))
+
+
+def _unrecorded(exc: BaseException) -> str:
+    return f"the outcome could not be recorded: {' '.join(str(getattr(exc, 'orig', exc)).split())[:300]}"
 
 
 def _distinct(items: list[T]) -> list[T]:

@@ -87,7 +87,6 @@ class ProducerSettings:
     stop_check_s: float                     # how often to look for STOP flags on our rows
     stop_grace_s: float
     retry_max_delay_s: float
-    fence_s: float
 
 
 class Producer:
