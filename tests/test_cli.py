@@ -127,6 +127,25 @@ def test_enqueue_with_param_prints_the_request_id(sqlite_url, tmp_path):
     assert json.loads(row["payload"]) == {"param1": "X"}
 
 
+def test_enqueue_wait_says_when_the_request_was_deleted_while_waiting(sqlite_url, tmp_path):
+    # No replica: the request waits NEW until a DBA deletes it; --wait must say so, not crash.
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "enqueue", "MAPREF", "--wait", "60",
+                             "--database-url", sqlite_url], cwd=tmp_path, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: prcreq_rows(sqlite_url), 30, "the request row")
+        engine = sa.create_engine(sqlite_url)
+        with engine.begin() as conn:
+            conn.execute(sa.delete(s.prcreq))
+        engine.dispose()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    assert one_line(err) == f"dms-worker: request {out.split()[0]} is gone (deleted while waiting)"
+
+
 @pytest.mark.parametrize("args, words", [
     (["--payload", "[1]"], ["--payload", "JSON object"]),
     (["--payload", "{bad"], ["--payload", "JSON"]),

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timezone
-from typing import Any, cast
+from typing import Any
 
 from . import __version__
 
@@ -185,8 +185,10 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise SystemExit(f"dms-worker: {exc}") from None
     print(rid, flush=True)     # at once: a reader (`| head -1`) need not wait for --wait
     if args.wait:
-        # _wait_terminal gives None if the row vanished meanwhile; unlike cmd_stop, this has never handled that.
-        row = cast(dict[str, Any], _wait_terminal(driver, rid, args.wait))
+        row = _wait_terminal(driver, rid, args.wait)
+        if row is None:    # pruned or deleted by a DBA while we waited: say so, do not guess
+            print(f"dms-worker: request {rid} is gone (deleted while waiting)", file=sys.stderr)
+            return 1
         print(f"{row['status']} {row['result_payload'] or ''}".rstrip())
         return 0 if row["status"] == s.DONE else 1
     return 0
