@@ -72,6 +72,7 @@ class _QueueSnapshot:
     depth: tuple[tuple[str, str, int], ...]
     oldest_new_age_s: float | None
     running: int
+    paused: int
     taken_mono: float
     taken_wall: float
 
@@ -126,6 +127,10 @@ class _QueueCollector(Collector):
         yield GaugeMetricFamily(f"{QUEUE_PREFIX}running_executions",
                                 "Executions in progress across the cluster (exported by the leader only)",
                                 value=snap.running)
+        yield GaugeMetricFamily(f"{QUEUE_PREFIX}paused_requests",
+                                "NEW requests held back because their job is paused; not counted in the oldest NEW"
+                                " age (exported by the leader only)",
+                                value=snap.paused)
         yield GaugeMetricFamily(f"{QUEUE_PREFIX}snapshot_age_seconds",
                                 "Seconds since the leader last refreshed the queue gauges",
                                 value=max(0.0, time.monotonic() - snap.taken_mono))
@@ -269,7 +274,8 @@ class Metrics:
             self._lateness.observe(max(0.0, late))
 
     # -- queue (leader only) and slots -------------------------------------------------------
-    def set_queue(self, depth: list[tuple[str, str, int]], oldest_new_age_s: float | None, running: int) -> None:
+    def set_queue(self, depth: list[tuple[str, str, int]], oldest_new_age_s: float | None, running: int,
+                  paused: int = 0) -> None:
         """Replace the leader's queue gauges with one query's result.
 
         Label sets absent from ``depth`` read 0 (NEW, CLAIMED, PROCESSING) or disappear (any
@@ -284,7 +290,7 @@ class Metrics:
         self._queue.snapshot = _QueueSnapshot(
             depth=tuple((st, rt, n) for (st, rt), n in sorted(folded.items())),
             oldest_new_age_s=None if oldest_new_age_s is None else max(0.0, oldest_new_age_s),
-            running=int(running), taken_mono=time.monotonic(), taken_wall=time.time())
+            running=int(running), paused=int(paused), taken_mono=time.monotonic(), taken_wall=time.time())
 
     def clear_queue(self) -> None:
         """Export no queue gauges any more (a leader stepping down)."""

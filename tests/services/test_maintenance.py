@@ -62,3 +62,22 @@ def test_queue_gauges_refresh_every_15_seconds(lite):
     assert b'status="NEW"} 1.0' in m.metrics.exposition()
     m.tick(15.0)
     assert b'status="NEW"} 2.0' in m.metrics.exposition()
+
+
+def test_a_paused_jobs_requests_are_counted_as_paused_not_as_waiting_too_long(lite):
+    client.register_job(lite.engine, "HELD", "worker.jobs.builtin:noop")
+    client.register_job(lite.engine, "RUNS", "worker.jobs.builtin:noop")
+    client.pause_job(lite.engine, "HELD")
+    for mapref in ("HELD", "HELD", "RUNS"):
+        client.enqueue(lite.engine, mapref)
+    with lite.begin() as conn:    # the paused job's requests waited an hour, the other a minute
+        conn.execute(sa.update(s.prcreq).where(s.prcreq.c.mapref == "HELD").values(not_before=lite.clock(-3600)))
+        conn.execute(sa.update(s.prcreq).where(s.prcreq.c.mapref == "RUNS").values(not_before=lite.clock(-60)))
+    m = make(lite)
+    m.tick(0.0)
+    text = m.metrics.exposition().decode()
+    assert 'dms_queue_requests{request_type="IMMEDIATE",status="NEW"} 3.0' in text
+    assert "dms_queue_paused_requests 2.0" in text
+    (age,) = [float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("dms_queue_oldest_new_age_seconds ")]
+    assert 55 <= age < 600, "the oldest NEW is the runnable one, not the deliberately held ones"

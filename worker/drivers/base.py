@@ -905,24 +905,36 @@ class SQLDriver:
         raise NotImplementedError
 
     # -- the queue as the leader's gauges see it -------------------------------------------
-    def queue_depth(self) -> tuple[list[tuple[str, str, int]], float | None, int]:
-        """Unfinished requests by status and type, age of the oldest NEW, executions running.
+    def queue_depth(self) -> tuple[list[tuple[str, str, int]], float | None, int, int]:
+        """Unfinished requests by status and type, age of the oldest NEW, executions running,
+        and NEW requests held back by a paused job.
 
         One query over unfinished rows only (index-driven), for the leader's gauges: finished
-        history is never counted, however large the table grows.
+        history is never counted, however large the table grows. A paused job's requests are
+        not "waiting too long": an operator chose to hold them, so they count as paused and
+        not towards the oldest NEW age (which pages).
         """
-        c = s.prcreq.c
+        c, j = s.prcreq.c, s.job.c
         # Waiting since it became due: a retry waiting out its delay is not an old request.
         due_since = sa.case((c.not_before <= self.clock(), c.not_before))
+        # Literals, not binds: a server-side-bound driver sees two different $n in the SELECT and
+        # the GROUP BY and refuses the grouping.
+        paused = sa.case((j.paused == sa.literal_column("'Y'"), sa.literal_column("1")),
+                         else_=sa.literal_column("0")).label("paused")
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(c.status, c.request_type, sa.func.count(), sa.func.min(due_since),
+            rows = conn.execute(sa.select(c.status, c.request_type, paused, sa.func.count(), sa.func.min(due_since),
                                           self.clock().label("now"))
+                                .select_from(s.prcreq.outerjoin(s.job, j.mapref == c.mapref))
                                 .where(c.status.in_((s.NEW, *s.RUNNING_STATUSES)))
-                                .group_by(c.status, c.request_type)).all()
-        depth = [(r[0], r[1], int(r[2])) for r in rows]
-        oldest = [(r[4] - r[3]).total_seconds() for r in rows if r[0] == s.NEW and r[3] is not None]
+                                .group_by(c.status, c.request_type, paused)).all()
+        counts: dict[tuple[str, str], int] = {}
+        for r in rows:
+            counts[(r[0], r[1])] = counts.get((r[0], r[1]), 0) + int(r[3])
+        depth = [(st, rt, n) for (st, rt), n in counts.items()]
+        oldest = [(r[5] - r[4]).total_seconds() for r in rows if r[0] == s.NEW and not r[2] and r[4] is not None]
+        held = sum(int(r[3]) for r in rows if r[0] == s.NEW and r[2])
         running = sum(n for st, _, n in depth if st == s.PROCESSING)
-        return depth, max(oldest) if oldest else None, running
+        return depth, max(oldest) if oldest else None, running, held
 
     # -- the cluster as the database sees it -----------------------------------------------
     def cluster_status(self, recent_failures: int = 10, *, rescue_after_s: float = 8.0,
