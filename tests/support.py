@@ -61,8 +61,8 @@ def pid_alive(pid: int) -> bool:
 class Replica:
     """One ``dms-worker run`` process against a test database."""
 
-    def __init__(self, url: str, name: str, log_dir: Path, **env: Any) -> None:
-        self.url, self.name = url, name
+    def __init__(self, url: str, name: str, log_dir: Path, *, run_args: tuple[str, ...] = (), **env: Any) -> None:
+        self.url, self.name, self.run_args = url, name, run_args
         self.log_path = log_dir / f"{name}.log"
         self.env = dict(os.environ, DMS_DATABASE_URL=url, DMS_METRICS_PORT="0", PYTHONPATH=str(REPO),
                         SCHEDULER_POLL_INTERVAL="1", DMS_LOG_LEVEL="INFO")
@@ -74,7 +74,7 @@ class Replica:
         self._log = open(self.log_path, "ab")
         # A session (and process group) of its own, so that a test can freeze or kill the
         # replica together with its execution processes, as Ctrl-Z or a VM pause does.
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--name", self.name],
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "run", "--name", self.name, *self.run_args],
                                      env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         return self

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.support import wait_until
+from tests.support import Replica, wait_until
 from worker import client
 from worker import schema as s
 from worker.drivers import make_driver
@@ -426,6 +426,41 @@ def test_import_through_a_replica_records_rejects_and_counts(db, tmp_path, repli
     assert tuple(log) == (6, 3, 3)
     assert ids == [1, 3, 5]
     r.alive_or_fail()
+
+
+@pytest.mark.slow
+def test_file_roots_and_connections_from_an_env_file_reach_the_execution_processes(db, tmp_path, db_url,
+                                                                                   monkeypatch):
+    """DMS_FILE_ROOTS and DMS_CONN_* only in the file given to --env-file (none in the
+    environment, none in the working directory): the jobs see what the replica resolved."""
+    fill_source(db, 2)
+    monkeypatch.delenv("DMS_FILE_ROOTS")
+    env_file = tmp_path / "prod.env"
+    env_file.write_text(f"DMS_FILE_ROOTS={tmp_path}\nDMS_CONN_CSV_SOURCE={db.url}\n")
+    out = tmp_path / "exported.csv"
+    engine = sa.create_engine(db.url)
+    replica = Replica(db_url, "envfile", tmp_path, run_args=("--env-file", str(env_file)),
+                      DMS_HEARTBEAT_INTERVAL="0.5", SCHEDULER_POLL_INTERVAL="0.5", DMS_CONN_FROM_PROCESS="sqlite://")
+    try:
+        client.register_job(engine, "CSV_EXPORT_ENV", "worker.jobs.csv:export", params={
+            "path": str(out), "connection": "env:DMS_CONN_CSV_SOURCE",
+            "query": "SELECT id, name, qty, created, note FROM csv_src ORDER BY id"})
+        client.register_job(engine, "CSV_EXPORT_PROCESS", "worker.jobs.csv:export", params={
+            "path": str(tmp_path / "process.csv"), "connection": "env:DMS_CONN_FROM_PROCESS", "query": "SELECT 1"})
+        replica.start()
+        rid = client.enqueue(engine, "CSV_EXPORT_ENV")
+        other = client.enqueue(engine, "CSV_EXPORT_PROCESS")
+        final = wait_until(lambda: all(client.request_status(engine, r)["status"] in s.TERMINAL_STATUSES
+                                       for r in (rid, other)), 60, "the exports to end")
+        assert final
+        done = client.request_status(engine, rid)
+        assert done["status"] == s.DONE, done["result_payload"]
+        assert out.read_bytes() == expected_csv([1, 2]).encode()
+        # A DMS_CONN_* of the replica's own environment is still honoured beside the file's.
+        assert client.request_status(engine, other)["status"] == s.DONE
+    finally:
+        replica.stop()
+        engine.dispose()
 
 
 # ---------------------------------------------------------------------------------------------

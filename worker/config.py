@@ -122,6 +122,11 @@ class Config:
         values["unknown_variables"] = unknown_variables(env)
         return cls(**values)
 
+    def job_environment(self) -> dict[str, str]:
+        """The variables the built-in jobs read in an execution process (DMS_FILE_ROOTS and
+        DMS_CONN_*), as this configuration resolved them; empty DMS_FILE_ROOTS means none."""
+        return {FILE_ROOTS_VAR: os.pathsep.join(self.file_roots), **self.connections}
+
     def unknown_variable_warnings(self) -> list[str]:
         """One line per unknown DMS_*/SCHEDULER_* variable, with the likely intended name."""
         return [unknown_variable_warning(name) for name in self.unknown_variables]

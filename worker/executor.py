@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any
@@ -39,6 +39,7 @@ import sqlalchemy as sa
 
 from . import logs
 from . import requests as rq
+from .config import CONNECTION_PREFIX
 from .drivers.base import ExecutionFinish, Reject, dumps
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ class ChildConfig:
     log_level: str
     fence_s: float
     stop_grace: float = 0.5
+    # What the replica resolved for the handlers (DMS_FILE_ROOTS, DMS_CONN_*), from its own
+    # environment and --env-file: a child's working directory need not hold that file.
+    job_environment: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -239,6 +243,9 @@ def child_main(conn: Any, config: ChildConfig, fence: Any, log_queue: Any) -> No
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.setup_child(log_queue, config.log_level)
+    for name in [n for n in os.environ if n.startswith(CONNECTION_PREFIX)]:
+        del os.environ[name]       # only the connections the replica itself knows
+    os.environ.update(config.job_environment)
     from .drivers import make_driver
     driver = make_driver(config.database_url, schema=config.schema, pre_ping=True)
     state = _ChildState()

@@ -623,8 +623,8 @@ def _path_option(ctx: JobContext) -> str:
 # the trust boundary: files, connections, messages
 # ---------------------------------------------------------------------------------------------
 def _file_roots() -> tuple[str, ...]:
-    """DMS_FILE_ROOTS, resolved. Read here (the execution process inherits the replica's
-    environment and working directory, so also its .env), not passed by the replica."""
+    """DMS_FILE_ROOTS, resolved. In an execution process the replica has set it (and
+    DMS_CONN_*) to what it resolved from its environment and --env-file."""
     try:
         roots = Config.from_env().file_roots
     except ConfigError as exc:
