@@ -172,12 +172,19 @@ def success_payload(result: Any, days_total: int, day_results: tuple[Any, ...] |
                     params: dict[str, Any] | None) -> str | None:
     """``result_payload`` of a request that ended DONE: the handler's return value once, as a
     JSON value under ``result`` (so that SQL reads ``result_payload::json->'result'->>'rows'``);
-    for HISTORY the number of days and each day's result in order."""
+    for HISTORY the number of days and each day's result in order. A HISTORY request resumed
+    after a rescue holds only the days this attempt ran: ``days_before_resume`` says how many
+    ran earlier (their executions are in DMS_PRCLOG and DMS_JOBLOG; their return values were
+    never stored)."""
     from .drivers.base import dumps
     if not days_total:
         return None if result is None else dumps({"result": result})
     day = (params or {}).get("param1")
-    return dumps({"days": days_total, "results": [*day_results, {"day": day, "result": result}]})
+    results = [*day_results, {"day": day, "result": result}]
+    out: dict[str, Any] = {"days": days_total, "results": results}
+    if len(results) < days_total:
+        out["days_before_resume"] = days_total - len(results)
+    return dumps(out)
 
 
 def as_of_date(payload: dict[str, Any], scheduled_for: datetime | None, requested_at: datetime | None) -> date | None:

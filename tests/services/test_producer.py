@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from tests.services.fakes import FakeExecutor
 from worker import client
 from worker import schema as s
-from worker.drivers.base import WorkerInfo
+from worker.drivers.base import RescueParams, WorkerInfo
 from worker.executor import EXIT_FENCED, Event
 from worker.metrics import Metrics
 from worker.services.completer import Completer
@@ -152,6 +152,35 @@ def test_history_days_run_one_after_another(rig):
     assert row["status"] == s.DONE
     assert json.loads(row["result_payload"]) == {"days": 2, "results": [{"day": "2026-01-01", "result": 1},
                                                                         {"day": "2026-01-02", "result": 2}]}
+
+
+def test_a_resumed_history_request_says_how_many_days_ran_before_it(rig):
+    client.register_job(rig.driver.engine, "H", "worker.jobs.builtin:noop", max_attempts=2)
+    rid = client.enqueue_history(rig.driver.engine, "H", "2026-01-01", "2026-01-03")
+    rig.tick(0.0)
+    rig.prod.on_event(rig.ex.done(rig.ex.ran[0], result=1), 0.1)
+    rig.tick(0.1)
+    second = rig.ex.ran[1]
+    # Its replica is lost during day 2 (here: its claim erased) and the rescue hands the request back.
+    rig.ex.slot_of(second).task = None
+    rig.prod.flights.clear()
+    with rig.driver.begin() as conn:
+        conn.execute(sa.update(s.prcreq).values(claimed_by=None))
+    rig.driver.request_rescue(RescueParams(stale_after_s=60))
+    assert rig.status(rid)["status"] == s.NEW
+    rig.prod.wake()
+    rig.tick(1.0)
+    resumed = rig.ex.ran[2:]
+    assert [t.params["param1"] for t in resumed] == ["2026-01-02"], "day 1 is not run again"
+    rig.prod.on_event(rig.ex.done(resumed[0], result=2), 1.1)
+    rig.tick(1.1)
+    rig.prod.on_event(rig.ex.done(rig.ex.ran[3], result=3), 1.2)
+    rig.tick(1.2)
+    row = rig.status(rid)
+    assert row["status"] == s.DONE
+    assert json.loads(row["result_payload"]) == {"days": 3, "days_before_resume": 1,
+                                                 "results": [{"day": "2026-01-02", "result": 2},
+                                                             {"day": "2026-01-03", "result": 3}]}
 
 
 def test_a_fenced_execution_hands_its_request_back(rig):
