@@ -60,7 +60,8 @@ class SchedulerService:
         self.fence = logs.CONTEXT.Value("d", time.monotonic(), lock=False)
         self.executor = Executor(cfg.max_workers, ChildConfig(
             database_url=cfg.database_url, schema=cfg.schema, log_level=cfg.log_level, fence_s=cfg.fence_s,
-            stop_grace=cfg.stop_grace, job_environment=cfg.job_environment()), self.fence, preload=(f"worker.drivers.{self.driver.name}",))
+            stop_grace=cfg.stop_grace, job_environment=cfg.job_environment()),
+            self.fence, preload=(f"worker.drivers.{self.driver.name}",))
         self.completer = Completer(self.driver, window_s=COMPLETER_WINDOW_S)
         try:
             self.leadership = Leadership(self.driver, self.worker_id, cfg.leader_mode, cfg.leader_ttl,
