@@ -281,6 +281,25 @@ def test_history_runs_each_day_in_order_and_resumes_after_a_failed_day(engine, r
     assert [d.date().isoformat() for d in prcdts] == [l.param1 for l in logs]
 
 
+def test_history_handed_back_by_a_sigterm_resumes_on_another_replica_without_rerunning_a_day(engine, replicas):
+    """Found by the chaos suite (seed 8202): a replica stopped between two days hands its
+    HISTORY request back with the attempt refunded; the next replica must not rerun the days done."""
+    client.register_job(engine, "HIST_TERM", "tests.handlers:record")
+    (first,) = replicas(1, **FAST)
+    first.wait_registered(engine)
+    rid = client.enqueue_history(engine, "HIST_TERM", "2026-02-16", "2026-02-23", seconds=0.4)
+    wait_until(lambda: len(probes(engine, request_id=rid)) >= 2, 30, "two days to be done")
+    assert first.terminate() == 0
+    (second,) = replicas(1, **FAST)
+    wait_until(lambda: row(engine, rid)["status"] in s.TERMINAL_STATUSES, 60, "the history to finish elsewhere")
+    assert row(engine, rid)["status"] == s.DONE
+    days = [p.day for p in probes(engine, request_id=rid)]
+    assert sorted(days) == [f"2026-02-{d}" for d in range(16, 24)], "each day's work exactly once"
+    done = [l.param1 for l in prclogs(engine, rid) if l.status == s.COMPLETED]
+    assert sorted(done) == sorted(set(done)), "no day completed twice"
+    assert any(l.worker_id.startswith(second.name) for l in prclogs(engine, rid)), "resumed by the other replica"
+
+
 def test_retries_back_off_then_fail(engine, replicas):
     client.register_job(engine, "FLAKY", "worker.jobs.builtin:fail", max_attempts=3, retry_delay_s=1)
     (r,) = replicas(1, **FAST)

@@ -183,6 +183,22 @@ def test_a_resumed_history_request_says_how_many_days_ran_before_it(rig):
                                                              {"day": "2026-01-03", "result": 3}]}
 
 
+def test_a_history_request_handed_back_between_days_resumes_where_it_stopped(rig):
+    """Found by the chaos suite (seed 8202): a SIGTERM between two days hands the request back
+    with its attempt refunded, and the next claim (attempt 1 again) reran the days already done."""
+    client.register_job(rig.driver.engine, "H", "worker.jobs.builtin:noop")
+    rid = client.enqueue_history(rig.driver.engine, "H", "2026-02-19", "2026-02-21")
+    rig.tick(0.0)
+    rig.prod.draining = True                        # SIGTERM while day 1 runs
+    rig.prod.on_event(rig.ex.done(rig.ex.ran[0], result=1), 0.1)
+    rig.tick(0.1)
+    assert rig.status(rid)["status"] == s.NEW and rig.status(rid)["attempts"] == 0, "handed back, not counted"
+    rig.prod.draining = False                       # the next replica
+    rig.prod.wake()
+    rig.tick(1.0)
+    assert [t.params["param1"] for t in rig.ex.ran[1:]] == ["2026-02-20"], "day 1 is done: not run again"
+
+
 def test_a_fenced_execution_hands_its_request_back(rig):
     client.register_job(rig.driver.engine, "J", "worker.jobs.builtin:noop")
     rid = client.enqueue(rig.driver.engine, "J")

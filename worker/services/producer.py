@@ -233,7 +233,9 @@ class Producer:
         days: list[date | None] = [None]
         first = True
         if work.days:
-            done = self.driver.history_days_done(req.request_id) if req.attempts > 1 else set()
+            # Always asked, not only on a later attempt: a request handed back between two days
+            # (shutdown) has its attempt refunded, so "attempt 1" does not mean "nothing ran".
+            done = self.driver.history_days_done(req.request_id)
             days = [d for d in work.days if d.isoformat() not in done]
             first = len(days) == len(work.days)
             if not days:        # every day already ran: nothing left but to say so
