@@ -173,7 +173,7 @@ def success_payload(result: Any, days_total: int, day_results: tuple[Any, ...] |
     """``result_payload`` of a request that ended DONE: the handler's return value once, as a
     JSON value under ``result`` (so that SQL reads ``result_payload::json->'result'->>'rows'``);
     for HISTORY the number of days and each day's result in order. A HISTORY request resumed
-    after a rescue holds only the days this attempt ran: ``days_before_resume`` says how many
+    (after a rescue or a shutdown's hand-back) holds only the days this attempt ran: ``days_before_resume`` says how many
     ran earlier (their executions are in DMS_PRCLOG and DMS_JOBLOG; their return values were
     never stored)."""
     from .drivers.base import dumps

@@ -64,7 +64,7 @@ class Issued:
 
 
 _INTS = {"attempts": 1, "max_attempts": 3, "priority": 0, "epoch": 1, "prcid": 7, "jobschid": 1, "pid": 1, "slots": 4, "running": 0,
-         "timeout_s": 60, "retry_delay_s": 0, "joblogid": 1, "count_1": 2, "count": 2, "metrics_port": None}
+         "timeout_s": 60, "retry_delay_s": 0, "joblogid": 1, "count_1": 2, "count": 2, "n": 2, "paused": 0, "metrics_port": None}
 _TEXT = {"status": s.PROCESSING, "claimed_by": W, "worker_id": W, "allow_overlap": "N", "enabled": "Y", "is_leader": "N",
          "handler": "worker.jobs.builtin:noop", "request_type": s.IMMEDIATE, "mapref": "M", "holder": W,
          "request_id": "r1", "name": "scheduler", "checksum": "c"}
@@ -76,7 +76,7 @@ def _value(name: str) -> Any:
         return _INTS[name]
     if name in _TEXT:
         return _TEXT[name]
-    if "systimestamp" in name or name in ("now", "min", "min_1", "scheduled_for", "strtdt", "enddt", "strtdt", "prcdt") or name.endswith(("_at", "_dt")):
+    if "systimestamp" in name or name in ("now", "min", "min_1", "due_since", "scheduled_for", "strtdt", "enddt", "strtdt", "prcdt") or name.endswith(("_at", "_dt")):
         return T0
     if name in ("payload", "params", "result_payload", "frqcd", "frqdd", "frqhh", "frqmi", "cronexp", "misfire",
                 "dpnd_jobschid", "param1", "sessionid"):

@@ -922,17 +922,18 @@ class SQLDriver:
         paused = sa.case((j.paused == sa.literal_column("'Y'"), sa.literal_column("1")),
                          else_=sa.literal_column("0")).label("paused")
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(c.status, c.request_type, paused, sa.func.count(), sa.func.min(due_since),
-                                          self.clock().label("now"))
+            rows = conn.execute(sa.select(c.status, c.request_type, paused, sa.func.count().label("n"),
+                                          sa.func.min(due_since).label("due_since"), self.clock().label("now"))
                                 .select_from(s.prcreq.outerjoin(s.job, j.mapref == c.mapref))
                                 .where(c.status.in_((s.NEW, *s.RUNNING_STATUSES)))
                                 .group_by(c.status, c.request_type, paused)).all()
         counts: dict[tuple[str, str], int] = {}
-        for r in rows:
-            counts[(r[0], r[1])] = counts.get((r[0], r[1]), 0) + int(r[3])
+        for r in rows:              # paused and not paused, summed back into one count per label set
+            counts[(r.status, r.request_type)] = counts.get((r.status, r.request_type), 0) + int(r.n)
         depth = [(st, rt, n) for (st, rt), n in counts.items()]
-        oldest = [(r[5] - r[4]).total_seconds() for r in rows if r[0] == s.NEW and not r[2] and r[4] is not None]
-        held = sum(int(r[3]) for r in rows if r[0] == s.NEW and r[2])
+        waiting = [r for r in rows if r.status == s.NEW]
+        oldest = [(r.now - r.due_since).total_seconds() for r in waiting if not r.paused and r.due_since is not None]
+        held = sum(int(r.n) for r in waiting if r.paused)
         running = sum(n for st, _, n in depth if st == s.PROCESSING)
         return depth, max(oldest) if oldest else None, running, held
 
