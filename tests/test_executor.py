@@ -109,3 +109,25 @@ def test_a_handlers_work_commits_with_its_outcome_only_while_the_request_is_ours
     with driver.engine.connect() as conn:
         rows = conn.execute(sa.select(probe.c.mapref)).scalars().all()
     assert rows == ["TX"], "the second handler's work was rolled back"
+
+
+def test_the_working_directory_is_searched_for_handlers_last(tmp_path, monkeypatch):
+    """`dms-worker run` finds a handler module in its working directory, but a file there named
+    like an installed module does not shadow it, with `python -m worker` (what `supervise`
+    runs) as with the console script."""
+    import subprocess
+    import sys
+
+    from worker.executor import resolve_handler
+
+    (tmp_path / "dms_cwd_probe.py").write_text("def hello(ctx):\n    return 'from cwd'\n")
+    (tmp_path / "argparse.py").write_text("raise SystemExit('the working directory shadowed argparse')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert resolve_handler("dms_cwd_probe:hello")(None) == "from cwd"
+    assert sys.path[-1] == str(tmp_path)
+
+    done = subprocess.run([sys.executable, "-m", "worker", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "shadowed" not in done.stderr
