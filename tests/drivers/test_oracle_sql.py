@@ -835,6 +835,25 @@ def test_a_server_side_call_holds_its_maprefs_lock_in_its_own_session(odriver, r
     assert lock_id("DMS", "mapref:NIGHTLY") not in (lock_id("DMS", "leader"), lock_id("OTHER", "mapref:NIGHTLY"))
 
 
+def test_without_execute_on_dbms_lock_a_server_side_call_still_runs_and_says_why_once(odriver, rec, caplog):
+    """A runtime user without the grant (doctor's warning) must not fail every sql: run of a
+    no-overlap job: the run goes on, exclusive by its request row, and the log names the grant."""
+    rec.mode("found")
+    rec.raise_on, rec.error = "DBMS_LOCK.REQUEST", _pls00201()
+    with caplog.at_level("WARNING", logger="worker.drivers.oracle"), odriver.engine.connect() as conn:
+        assert odriver.execution_lock(conn, "NIGHTLY", timeout_s=5) is True
+        odriver.execution_unlock(conn, "NIGHTLY")
+        assert odriver.execution_lock(conn, "NIGHTLY", timeout_s=5) is True
+    assert len([i for i in rec.issued if "DBMS_LOCK.REQUEST" in i.sql]) == 1, "asked once per process"
+    assert not [i for i in rec.issued if "DBMS_LOCK.RELEASE" in i.sql]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "GRANT EXECUTE ON SYS.DBMS_LOCK TO dms" in warnings[0]
+    rec.error = sa.exc.OperationalError("BEGIN", {}, Exception("ORA-03113: end-of-file on communication channel"))
+    odriver._execution_lock_missing = False
+    with pytest.raises(Exception, match="ORA-03113"), odriver.engine.connect() as conn:
+        odriver.execution_lock(conn, "NIGHTLY", timeout_s=5)
+
+
 def test_the_aq_listener_takes_wake_ups_only_for_the_slots_it_has(rec):
     """Issue 12.7: a replica with no free slot leaves the single-consumer wake-ups to others."""
     from multiprocessing.connection import wait
