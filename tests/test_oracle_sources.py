@@ -50,7 +50,7 @@ EXPECTED_KINDS = {
     VIEWS: ["CREATE VIEW"] * 4,
     GRANTS_APP: ["CREATE ROLE"] + ["GRANT"] * 4 + ["CREATE ROLE", "GRANT", "GRANT", "GRANT", "GRANT"],
     ROLES: ["CREATE USER"] + ["GRANT"] * 12,
-    AQ: ["BLOCK", "BLOCK", "BLOCK", "PACKAGE", "PACKAGE BODY", "TRIGGER", "TRIGGER", "BLOCK", "BLOCK"],
+    AQ: ["BLOCK", "BLOCK", "BLOCK", "PACKAGE", "PACKAGE BODY", "TRIGGER", "TRIGGER", "BLOCK", "BLOCK", "BLOCK"],
     AQ_DROP: ["BLOCK"] * 5,
     CONTAINER_INIT: ["ALTER SESSION"] + ["GRANT"] * 4,
 }
@@ -363,6 +363,19 @@ def test_aq_wakeup_package_spec_and_body_agree():
     spec, body = _headers(units["PACKAGE"]), _headers(units["PACKAGE BODY"])
     for name, header in spec.items():
         assert body.get(name) == header, name
+
+
+def test_aq_wakeup_stops_and_drops_its_triggers_when_its_package_does_not_compile():
+    """An invalid package behind the triggers would fail every INSERT into DMS_PRCREQ."""
+    units = statements(AQ)
+    last_trigger = max(i for i, st in enumerate(units) if kind(st) == "TRIGGER")
+    guards = [i for i, st in enumerate(units) if "FROM user_errors" in st]
+    assert guards and guards[0] > last_trigger, "checked after the last unit it covers"
+    guard = units[guards[0]]
+    assert kind(guard) == "BLOCK"
+    assert "name = 'DMS_WAKEUP' AND type IN ('PACKAGE', 'PACKAGE BODY')" in guard
+    assert "'DROP TRIGGER ' || t.trigger_name" in guard and "raise_application_error(" in guard
+    assert "WHENEVER SQLERROR EXIT FAILURE" in AQ.read_text()
 
 
 # -- the AQ script, the views and the grants match what is documented ----------------------------

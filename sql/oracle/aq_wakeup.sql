@@ -149,6 +149,25 @@ BEGIN
 END;
 /
 
+-- A unit that compiles with errors is only a warning in SQL*Plus, and a trigger calling an
+-- invalid package would fail every INSERT into DMS_PRCREQ: drop the triggers and stop instead.
+DECLARE
+  l_errors PLS_INTEGER;
+BEGIN
+  SELECT COUNT(*) INTO l_errors FROM user_errors
+   WHERE (name = 'DMS_WAKEUP' AND type IN ('PACKAGE', 'PACKAGE BODY'))
+      OR (name IN ('DMS_PRCREQ_WAKEUP_INS', 'DMS_PRCREQ_WAKEUP_REQ') AND type = 'TRIGGER');
+  IF l_errors > 0 THEN
+    FOR t IN (SELECT trigger_name FROM user_triggers
+               WHERE trigger_name IN ('DMS_PRCREQ_WAKEUP_INS', 'DMS_PRCREQ_WAKEUP_REQ')) LOOP
+      EXECUTE IMMEDIATE 'DROP TRIGGER ' || t.trigger_name;
+    END LOOP;
+    raise_application_error(-20000, 'dms_wakeup has compilation errors (SHOW ERRORS PACKAGE BODY dms_wakeup): '
+      || 'its triggers were dropped, so inserts into DMS_PRCREQ go on and replicas poll');
+  END IF;
+END;
+/
+
 DECLARE
   c_grantee CONSTANT VARCHAR2(128) := 'DMS_WORKER';
   l_users   PLS_INTEGER;
