@@ -41,3 +41,24 @@ def test_the_shell_walkthrough_runs_as_written(tmp_path):
         assert client.request_status(engine, "demo-1")["status"] == "DONE"
     finally:
         engine.dispose()
+
+
+def test_the_blueprint_example_mounts_the_console_under_its_prefix(sqlite_url, tmp_path, monkeypatch):
+    """docs/console.md's Flask example, run as written in a directory holding dms-worker.db."""
+    (block,) = [b for b in re.findall(r"^```python\n(.*?)^```", DOC.read_text(), re.M | re.S)
+                if "create_blueprint" in b]
+    (tmp_path / "dms.db").rename(tmp_path / "dms-worker.db")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "host_app"}
+    exec(compile(block, "docs/console.md", "exec"), scope)
+    app, engine = scope["app"], scope["engine"]
+    try:
+        c = app.test_client()
+        assert c.get("/dms/requests?format=json").status_code == 401
+        with c.session_transaction() as sess:
+            sess["dms_role"] = "read-only"
+        assert c.get("/dms/requests?format=json").status_code == 200
+        page = c.get("/dms/").get_data(as_text=True)
+        assert 'href="/dms/static/console.css"' in page
+    finally:
+        engine.dispose()

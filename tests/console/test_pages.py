@@ -198,6 +198,22 @@ def test_jobs_show_success_rate_percentiles_and_a_chart_of_recent_runs(console, 
     assert c.get("/jobs/NO_SUCH_JOB", headers=AUTH).status_code == 404
 
 
+def test_a_password_in_a_jobs_params_is_never_shown(console, driver):
+    """docs/jobs.md lets a job's params hold a connection URL: its password, and any key named
+    like a secret, must not reach the job pages, the request page or --json."""
+    engine = driver.engine
+    client.register_job(engine, "M_SECRET", "worker.jobs.builtin:noop",
+                        params={"connection": "postgresql://etl:Sup3rS3cret@db.example/sales",
+                                "api_token": "tok-4242-XYZ", "table": "sales"})
+    rid = client.enqueue(engine, "M_SECRET")
+    c = console()
+    pages = "".join(c.get(path, headers=AUTH).get_data(as_text=True)
+                    for path in ("/jobs", "/jobs/M_SECRET", f"/requests/{rid}", "/jobs?format=json",
+                                 "/jobs/M_SECRET?format=json", f"/requests/{rid}?format=json"))
+    assert "Sup3rS3cret" not in pages and "tok-4242-XYZ" not in pages
+    assert "etl:***@db.example/sales" in pages and "sales" in pages
+
+
 def test_the_cluster_marks_dead_replicas_and_an_expired_leader(console, driver):
     now = driver.now()
     with driver.engine.begin() as conn:

@@ -10,6 +10,7 @@ finished history as a whole. Times come from and are compared with the database 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -20,6 +21,7 @@ from sqlalchemy.engine import Connection
 
 from .. import schema as s
 from ..client import ACTIVE_STATUSES, clock
+from ..config import mask_url
 from ..drivers.base import LEADER_NAME
 from ..schedule.calculus import InvalidSchedule, occurrences, parse_schedule
 from .words import describe
@@ -250,7 +252,8 @@ def request_detail(conn: Connection, request_id: str) -> dict[str, Any] | None:
         e["errors"] = errors.get(e["prcid"], [])
         e["errors_total"] = error_total.get(e["prcid"], 0)
     job = conn.execute(sa.select(s.job).where(s.job.c.mapref == req["mapref"])).mappings().first()
-    return {"request": req, "executions": execs, "job": dict(job) if job else None, "now": now,
+    return {"request": req, "executions": execs, "now": now,
+            "job": dict(job, params=shown_params(job["params"])) if job else None,
             "waiting": _why_waiting(conn, req, job, now) if req["status"] == s.NEW else None}
 
 
@@ -307,6 +310,35 @@ def _local(value: datetime | None, zone: ZoneInfo) -> datetime | None:
 
 
 # -- jobs ----------------------------------------------------------------------------------------
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token", re.I)
+_URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^/@\s\"]*?:)[^/\s\"]+@")
+
+
+def shown_params(raw: str | None) -> str | None:
+    """``DMS_JOB.params`` as pages and ``--json`` show it: a connection URL's password and the
+    value of any key named like a secret become ``***`` (docs/jobs.md allows a URL there)."""
+    if raw is None:
+        return None
+
+    def hide(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: hide(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [hide(v) for v in value]
+        if isinstance(value, str):
+            if _SECRET_KEY.search(key):
+                return "***"
+            if "://" in value:
+                masked = mask_url(value)
+                return masked if not masked.startswith("<") else _URL_PASSWORD.sub(r"\1***@", value)
+        return value
+
+    try:
+        return json.dumps(hide(json.loads(raw)), ensure_ascii=False)
+    except (ValueError, RecursionError):         # not JSON (the replica refuses it), or absurdly deep
+        return _URL_PASSWORD.sub(r"\1***@", raw)
+
+
 def _percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
@@ -356,7 +388,7 @@ def jobs(conn: Connection, runs: int = RUNS_FOR_STATS) -> list[dict[str, Any]]:
     active = _active_by_mapref(conn)
     out = []
     for r in conn.execute(sa.select(s.job).order_by(s.job.c.mapref)).mappings():
-        row = dict(r)
+        row = dict(r, params=shown_params(r["params"]))
         row["recent"] = job_runs(conn, row["mapref"], runs)
         row["stats"] = run_stats(row["recent"], now)
         row.update(active.get(row["mapref"], {"waiting": 0, "running": 0}))
@@ -369,7 +401,7 @@ def job_detail(conn: Connection, mapref: str, tz: str, runs: int = 200) -> dict[
     if row is None:
         return None
     now = db_now(conn)
-    job = dict(row)
+    job = dict(row, params=shown_params(row["params"]))
     job["recent"] = job_runs(conn, mapref, runs)
     job["stats"] = run_stats(job["recent"], now)
     job.update(_active_by_mapref(conn).get(mapref, {"waiting": 0, "running": 0}))
