@@ -85,6 +85,66 @@ def test_a_deposed_leader_writes_no_reason(driver):
     assert row_reason(driver, jid) is None
 
 
+@pytest.mark.parametrize("cols", [dict(schflg="X"), dict(curflg="y"), dict(misfire="SOMETIMES"), dict(frqcd="XX")],
+                         ids=["schflg", "curflg", "misfire", "frqcd"])
+def test_the_table_refuses_flags_and_codes_it_would_misread(driver, cols):
+    """V003's CHECKs (triggers on SQLite), on INSERT and on UPDATE."""
+    with pytest.raises(sa.exc.IntegrityError):
+        add(driver, "M", **cols)
+    jid = add(driver, "M")
+    with pytest.raises(sa.exc.IntegrityError), driver.begin() as conn:
+        conn.execute(sa.update(s.jobsch).where(s.jobsch.c.jobschid == jid).values(**cols))
+
+
+def _legacy_flag_row(driver, mapref: str, **flags) -> int:
+    """A row written before V003's CHECKs existed (they do not check existing rows)."""
+    jid = add(driver, mapref)
+    assignments = ", ".join(f"{k} = '{v}'" for k, v in flags.items())
+    with driver.begin() as conn:
+        if driver.engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("PRAGMA ignore_check_constraints = ON")
+            trigger = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'dms_jobsch_check_update'").scalar()
+            conn.exec_driver_sql("DROP TRIGGER dms_jobsch_check_update")
+            conn.exec_driver_sql(f"UPDATE dms_jobsch SET {assignments} WHERE jobschid = {jid}")
+            conn.exec_driver_sql(trigger)
+        else:
+            names = [f"dms_jobsch_{k}_ck" for k in flags]
+            for name in names:
+                conn.exec_driver_sql(f"ALTER TABLE dms_jobsch DROP CONSTRAINT {name}")
+            conn.exec_driver_sql(f"UPDATE dms_jobsch SET {assignments} WHERE jobschid = {jid}")
+            for k, name in zip(flags, names):
+                unchecked = "ENABLE NOVALIDATE" if driver.engine.dialect.name == "oracle" else "NOT VALID"
+                conn.exec_driver_sql(f"ALTER TABLE dms_jobsch ADD CONSTRAINT {name} CHECK ({k} IN ('Y', 'N')) {unchecked}")
+    return jid
+
+
+def test_a_flag_left_from_before_the_checks_is_reported_not_read_as_disabled(driver, caplog):
+    """Such a row cannot even be updated while the CHECK stands (PostgreSQL and Oracle check
+    every UPDATE of it): the leader says why in its log, its counter and `status`, and goes on
+    recording the other rows' reasons."""
+    lead(driver)
+    client.register_job(driver.engine, "LEGACY", "worker.jobs.builtin:noop")
+    odd_sch = _legacy_flag_row(driver, "LEGACY", schflg="X")
+    odd_cur = _legacy_flag_row(driver, "LEGACY", curflg="y")
+    off = add(driver, "LEGACY", schflg="N")
+    nojob = add(driver, "NOJOB")
+    counted: list[str] = []
+    sched = Scheduler(driver, "UTC", refresh_interval=60, on_invalid=counted.append)
+    with caplog.at_level("WARNING", logger="worker.scheduler"):
+        sched.tick("me", 1, mono_now=0.0)
+    assert row_reason(driver, nojob).startswith("no DMS_JOB row"), "the other rows' reasons are still written"
+    assert row_reason(driver, off) is None, "a disabled row is a pause, not an error"
+    assert counted.count("bad_field") == 2
+    logged = caplog.text
+    assert f"schedule {odd_sch} (LEGACY) skipped: schflg = 'X' is neither 'Y' nor 'N'" in logged
+    assert f"schedule {odd_cur} (LEGACY) skipped: curflg = 'y' is neither 'Y' nor 'N'" in logged
+    shown = {r["jobschid"]: r["invalid_reason"] for r in driver.cluster_status()["invalid_schedules"]}
+    assert "schflg = 'X'" in shown[odd_sch] and "curflg = 'y'" in shown[odd_cur] and nojob in shown
+    with driver.begin() as conn:               # the DBA's fix: the row leaves status at once
+        conn.execute(sa.update(s.jobsch).where(s.jobsch.c.jobschid == odd_sch).values(schflg="N"))
+    assert odd_sch not in {r["jobschid"] for r in driver.cluster_status()["invalid_schedules"]}
+
+
 def _row(jobschid: int, parent: int | None = None) -> ScheduleRow:
     return ScheduleRow(jobschid=jobschid, mapref=f"M{jobschid}", frqcd="DL", frqdd=None, frqhh=0, frqmi=0,
                        strtdt=None, enddt=None, misfire=None, cronexp=None, dpnd_jobschid=parent, lst_run_dt=None,

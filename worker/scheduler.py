@@ -23,7 +23,16 @@ from datetime import datetime, timezone
 from typing import overload
 
 from .drivers.base import JobDef, OccurrenceEnqueue, ScheduleRow, SQLDriver
-from .schedule import InvalidSchedule, Misfire, Schedule, last_at_or_before, parse_misfire, parse_schedule, plan_due
+from .schedule import (
+    InvalidSchedule,
+    Misfire,
+    Schedule,
+    flag_problem,
+    last_at_or_before,
+    parse_misfire,
+    parse_schedule,
+    plan_due,
+)
 
 log = logging.getLogger("worker.scheduler")
 UTC = timezone.utc
@@ -230,8 +239,14 @@ class Scheduler:
             problem = invalid.get(entry.row.jobschid)
             if problem is not None:
                 entry.schedule, entry.error = None, str(problem)
-                self._report(entry.row, problem)
-        self._record_reasons(worker_id, epoch, states, {j: str(e) for j, e in invalid.items()})
+                self._report(entry.row.jobschid, entry.row.mapref, problem)
+        # Rows schedule_list never returns, with flags the V003 CHECKs refuse: logged and counted,
+        # and shown by `status`, but not written: the CHECK refuses any UPDATE of such a row.
+        flags = {j: p for j, st in states.items() if (p := flag_problem(st.get("schflg"), st.get("curflg")))}
+        for jobschid, problem in flags.items():
+            self._report(jobschid, str(states[jobschid].get("mapref")), problem)
+        self._record_reasons(worker_id, epoch, {j: st for j, st in states.items() if j not in flags},
+                             {j: str(e) for j, e in invalid.items()})
         self._entries = [e for e in entries if e.error is None]
 
     def _record_reasons(self, worker_id: str, epoch: int, states: dict[int, dict], reasons: dict[int, str]) -> None:
@@ -243,12 +258,12 @@ class Scheduler:
         if changes and not self.driver.schedule_set_invalid(worker_id, epoch, changes):
             raise LeadershipLost(f"recording invalid schedules: the lease is no longer ours (epoch {epoch})")
 
-    def _report(self, row: ScheduleRow, exc: InvalidSchedule) -> None:
+    def _report(self, jobschid: int, mapref: str, exc: InvalidSchedule) -> None:
         # Counted at every reread (dms_schedule_invalid_total keeps rising while a row stays
         # invalid, which the alert relies on); logged once per row and reason per leader.
         self.on_invalid(invalid_reason_code(exc))
-        key = (row.jobschid, str(exc))
+        key = (jobschid, str(exc))
         if key in self._reported:
             return
         self._reported.add(key)
-        log.warning("schedule %s (%s) skipped: %s", row.jobschid, row.mapref, exc)
+        log.warning("schedule %s (%s) skipped: %s", jobschid, mapref, exc)

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .. import schema as s
+from ..schedule.calculus import flag_problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -962,8 +963,11 @@ class SQLDriver:
             failures = conn.execute(sa.select(c.request_id, c.mapref, c.request_type, c.completed_at,
                                               c.result_payload).where(c.status == s.FAILED)
                                     .order_by(c.completed_at.desc()).limit(recent_failures)).mappings().all()
-            invalid = conn.execute(sa.select(j.jobschid, j.mapref, j.frqcd, j.dpnd_jobschid, j.invalid_reason)
-                                   .where(j.invalid_reason.is_not(None), j.curflg == "Y")
+            flags = ("Y", "N")
+            invalid = conn.execute(sa.select(j.jobschid, j.mapref, j.frqcd, j.dpnd_jobschid, j.invalid_reason,
+                                             j.schflg, j.curflg)
+                                   .where(sa.or_(sa.and_(j.invalid_reason.is_not(None), j.curflg == "Y"),
+                                                 j.schflg.not_in(flags), j.curflg.not_in(flags)))
                                    .order_by(j.jobschid)).mappings().all()
 
         def seconds(later: datetime | None, earlier: datetime | None) -> float | None:
@@ -998,7 +1002,7 @@ class SQLDriver:
             "waiting": [{"reason": reason, "mapref": mapref, "count": int(n)} for reason, mapref, n in waiting],
             "running": [dict(r, age_s=seconds(now, r["strtdt"]), orphaned=r["worker_id"] not in alive)
                         for r in running],
-            "invalid_schedules": [dict(r) for r in invalid],
+            "invalid_schedules": [_invalid_schedule(r) for r in invalid],
             "recent_failures": [dict(r) for r in failures],
         }
 
@@ -1046,6 +1050,16 @@ class SQLDriver:
                     values["nxt_run_dt"] = None
                 conn.execute(sa.update(s.jobsch).where(j.jobschid == jobschid).values(**values))
         return True
+
+
+def _invalid_schedule(row: Any) -> dict[str, Any]:
+    """A status line's schedule: the leader's reason, or for flags the CHECKs refuse (which the
+    leader cannot write on the row, since the CHECK refuses the UPDATE) the same words it logs."""
+    out = {k: row[k] for k in ("jobschid", "mapref", "frqcd", "dpnd_jobschid", "invalid_reason")}
+    problem = flag_problem(row["schflg"], row["curflg"])
+    if problem is not None:
+        out["invalid_reason"] = str(problem)
+    return out
 
 
 class Listener:

@@ -54,6 +54,7 @@ __all__ = [
     "last_at_or_before",
     "next_after",
     "occurrences",
+    "flag_problem",
     "parse_misfire",
     "parse_schedule",
     "plan_due",
@@ -76,6 +77,16 @@ class InvalidSchedule(ValueError):
         super().__init__(reason)
         self.reason = reason
         self.field = field
+
+
+def flag_problem(schflg: object, curflg: object) -> InvalidSchedule | None:
+    """A ``schflg`` or ``curflg`` that is neither 'Y' nor 'N' (rows written before the V003
+    CHECKs): without a word, 'X' would silently mean "disabled" or "old version"."""
+    for column, value in (("schflg", schflg), ("curflg", curflg)):
+        if value not in ("Y", "N"):
+            return InvalidSchedule(f"{column} = {value!r} is neither 'Y' nor 'N': the row is not run until it is"
+                                   f" set to one of them", column)
+    return None
 
 
 @dataclass(frozen=True)
