@@ -111,6 +111,33 @@ def test_a_handlers_work_commits_with_its_outcome_only_while_the_request_is_ours
     assert rows == ["TX"], "the second handler's work was rolled back"
 
 
+def test_a_handler_that_never_touches_the_database_opens_no_connection(sqlite_url):
+    """The no-op path costs the execution process no connection and no transaction: with a
+    database the child cannot reach, a no-op still succeeds (its outcome goes to the replica's
+    completer), while a handler that uses ctx.connection fails on the unreachable server."""
+    driver = make_driver(sqlite_url)
+    driver.worker_register(WorkerInfo(W, "h", 1, "t", 2))
+    fence = logs.CONTEXT.Value("d", time.monotonic() + 3600, lock=False)
+    nowhere = "postgresql+psycopg://dms@127.0.0.1:9/unreachable?connect_timeout=2"
+    ex = Executor(1, ChildConfig(nowhere, None, "INFO", fence_s=60, stop_grace=10), fence,
+                  preload=("worker.drivers.postgresql",))
+    ex.start()
+    try:
+        outcomes = []
+        for mapref, handler in (("NOOP", "worker.jobs.builtin:noop"), ("USES_DB", "tests.handlers:record")):
+            pump(ex, lambda _: ex.idle_slots())
+            _, task = claimed_task(driver, mapref, handler, {"seconds": 0.01})
+            ex.run(ex.idle_slots()[0], task, None)
+            (done,) = [e for e in pump(ex, lambda ev: any(e.kind == "done" for e in ev)) if e.kind == "done"]
+            outcomes.append(done.data)
+        noop, uses_db = outcomes
+        assert noop["ok"] and not noop.get("committed"), noop
+        assert not uses_db["ok"] and "127.0.0.1" in uses_db["error"] + str(uses_db.get("dberror")), uses_db
+    finally:
+        ex.close()
+        driver.dispose()
+
+
 def test_the_working_directory_is_searched_for_handlers_last(tmp_path, monkeypatch):
     """`dms-worker run` finds a handler module in its working directory, but a file there named
     like an installed module does not shadow it, with `python -m worker` (what `supervise`
