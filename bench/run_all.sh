@@ -4,15 +4,17 @@
 #
 #   1. peers' environment (bench/peers/setup.sh; skipped when bench/.venv-peers exists)
 #   2. the database's commit rate        bench/commit_rate.py          (pgbench -N, 4 clients, 20 s)
-#   3. our burn-down                     bench/burndown.py             (20,000 noop, 4 replicas x 4 slots)
+#   3. our burn-down                     bench/burndown.py             (20,000 noop, 4 replicas x 4, then x 16 slots)
 #   4. the peers' burn-down              bench/peers/pgqueuer_bench.py, bench/peers/procrastinate_bench.py
 #   5. our pickup latency                bench/pickup_latency.py       (NOTIFY, then polling every 1 s)
 #   6. the peers' pickup latency         (LISTEN/NOTIFY, their default)
 #   7. claim latency by queue size       bench/claim_scale.py          (1,000 and 1,000,000 NEW rows)
-#   8. failover and rescue               bench/failover.py, bench/rescue.py
-#   9. plots                             bench/plots.py -> docs/img/*.png
+#   8. one no-overlap job's queue        bench/no_overlap.py           (100 requests, 2 replicas)
+#   9. start-up, 16 slots                bench/startup.py
+#  10. failover and rescue               bench/failover.py, bench/rescue.py
+#  11. plots                             bench/plots.py -> docs/img/*.png
 #
-#     bash bench/run_all.sh            # the real run: about 25-40 minutes
+#     bash bench/run_all.sh            # the real run: about 12 minutes on a quiet 2-core machine
 #     QUICK=1 bash bench/run_all.sh    # small sizes, to check that everything works; plots go to
 #                                      # bench/results/img instead of docs/img
 #
