@@ -177,6 +177,21 @@ def test_schedules_in_words_with_the_next_five_in_the_scheduler_timezone(console
     assert "skipped: job SKIPPED has no DMS_JOB row" in page and f'id="s{ids[0]}"' in page
 
 
+def test_one_schedule_has_an_address_of_its_own_current_or_not(console, driver):
+    with driver.engine.begin() as conn:
+        old, new = [conn.execute(sa.insert(s.jobsch).values(mapref="NIGHTLY", frqcd="DL", frqhh=h, frqmi=0, schflg="Y",
+                                                            curflg=cur, misfire="LATEST")
+                                 .returning(s.jobsch.c.jobschid)).scalar_one() for h, cur in ((1, "N"), (2, "Y"))]
+    c = console()
+    one = c.get(f"/schedules/{new}", query_string={"format": "json"}, headers=AUTH).json["schedule"]
+    assert (one["jobschid"], one["words"], one["enabled"], len(one["next"])) == (new, "every day at 02:00", True, 5)
+    page = html(c, f"/schedules/{old}")
+    assert f"Schedule {old}" in page and "an old version" in page and "every day at 01:00" in page
+    assert "schedule_enable" not in page and "/enable" not in page, "an old version is not offered to enable"
+    assert f'href="/schedules/{new}"' in html(c, "/schedules")
+    assert c.get("/schedules/999999", headers=AUTH).status_code == 404
+
+
 def test_jobs_show_success_rate_percentiles_and_a_chart_of_recent_runs(console, driver):
     engine = driver.engine
     client.register_job(engine, "M_STATS", "worker.jobs.builtin:noop")

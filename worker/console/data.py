@@ -276,16 +276,20 @@ def _why_waiting(conn: Connection, req: dict, job: Any, now: datetime) -> str:
 
 
 # -- schedules -----------------------------------------------------------------------------------
-def schedules(conn: Connection, tz: str, now: datetime | None = None, upcoming: int = 5) -> list[dict[str, Any]]:
-    """Every current DMS_JOBSCH row: its code in words, its next ``upcoming`` occurrences in
-    ``tz`` (the calculus of ``schedule preview``), its last run, and why it is skipped if it is."""
+def schedules(conn: Connection, tz: str, now: datetime | None = None, upcoming: int = 5,
+              jobschid: int | None = None) -> list[dict[str, Any]]:
+    """Every current DMS_JOBSCH row (or the one row ``jobschid``, current or an old version):
+    its code in words, its next ``upcoming`` occurrences in ``tz`` (the calculus of ``schedule
+    preview``), its last run, and why it is skipped if it is."""
     now = now or db_now(conn)
     j = s.jobsch.c
     zone = ZoneInfo(tz)
     out = []
-    for r in conn.execute(sa.select(s.jobsch).where(j.curflg == "Y").order_by(j.mapref, j.jobschid)).mappings():
+    which = j.curflg == "Y" if jobschid is None else j.jobschid == jobschid
+    for r in conn.execute(sa.select(s.jobsch).where(which).order_by(j.mapref, j.jobschid)).mappings():
         row = dict(r)
-        row.update(enabled=row["schflg"] == "Y", words=None, next=[], problem=None)
+        row.update(enabled=row["schflg"] == "Y" and row["curflg"] == "Y", current=row["curflg"] == "Y",
+                   words=None, next=[], problem=None)
         if row["dpnd_jobschid"] is not None:
             row["words"] = f"after each successful occurrence of schedule {row['dpnd_jobschid']}"
         else:

@@ -352,6 +352,16 @@ def create_blueprint(database: str | Engine, *, auth: ConsoleAuth | None = None,
             return jsonify(data.jsonable({"timezone": timezone_name, "schedules": rows}))
         return page("schedules.html", "_schedules.html", schedules=rows)
 
+    @bp.route("/schedules/<int:jobschid>")
+    def schedule(jobschid: int):
+        with read() as conn:
+            rows = data.schedules(conn, timezone_name, jobschid=jobschid)
+        if not rows:
+            abort(404, f"no schedule {jobschid}")
+        if wants_json():
+            return jsonify(data.jsonable({"timezone": timezone_name, "schedule": rows[0]}))
+        return page("schedules.html", "_schedules.html", schedules=rows, one=rows[0])
+
     @bp.route("/jobs")
     def jobs():
         with read() as conn:
@@ -396,7 +406,7 @@ def create_blueprint(database: str | Engine, *, auth: ConsoleAuth | None = None,
         return f"stop of {request_id} requested (STOP request {stop_id}): its replica terminates it"
 
     def schedule_next(jobschid: int) -> str:
-        return url_for(f"{name}.schedules")
+        return url_for(f"{name}.schedule", jobschid=jobschid)
 
     @bp.route("/schedules/<int:jobschid>/enable", methods=["POST"])
     @act(lambda jobschid: f"schedule {jobschid} enabled", schedule_next)
