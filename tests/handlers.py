@@ -98,3 +98,8 @@ def work_sleep_commit(ctx) -> None:
 
 
 work_sleep_commit.request_keys = ("seconds",)
+
+
+def bad_query(ctx) -> None:
+    """A query the database refuses, with a bound value that must not reach the tables."""
+    ctx.connection.execute(sa.text("SELECT no_such_column FROM dms_job WHERE mapref = :m"), {"m": "bound-value-42"})

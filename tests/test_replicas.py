@@ -320,6 +320,27 @@ def test_retries_back_off_then_fail(engine, replicas):
     assert len(child_lines) == 3 and "builtin fail" in child_lines[0]
 
 
+def test_a_database_error_is_recorded_as_the_databases_own_words_on_one_line(engine, replicas):
+    """DMS_PRCLOG.msg, result_payload and DMS_JOBERR get the server's message on one line:
+    not SQLAlchemy's appended statement, bound parameters and "Background on this error" link
+    (those go to the replica's log only)."""
+    client.register_job(engine, "BADQ", "tests.handlers:bad_query")
+    (r,) = replicas(1, **FAST)
+    rid = client.enqueue(engine, "BADQ")
+    wait_until(lambda: row(engine, rid)["status"] == s.FAILED, 30, "the failing query's request to fail")
+    (log,) = prclogs(engine, rid)
+    with engine.connect() as conn:
+        (err,) = conn.execute(sa.select(s.joberr.c.errmsg, s.joberr.c.dberrmsg).where(s.joberr.c.prcid == log.prcid)).all()
+    recorded = {"msg": log.msg, "result_payload": row(engine, rid)["result_payload"], "errmsg": err.errmsg,
+                "dberrmsg": err.dberrmsg}
+    for where, text in recorded.items():
+        assert text and "no_such_column" in text, (where, text)
+        assert "\n" not in text and "[SQL:" not in text and "Background on this error" not in text, (where, text)
+        assert "bound-value-42" not in text and "[parameters:" not in text, (where, text)
+    r.stop()
+    assert "[SQL: SELECT no_such_column" in r.log(), "the statement is in the replica's log"
+
+
 def test_one_execution_per_mapref_across_replicas(engine, replicas):
     client.register_job(engine, "SOLO", "tests.handlers:record")
     client.register_job(engine, "MANY", "tests.handlers:record", allow_overlap=True)
