@@ -74,7 +74,7 @@ def run_demo(cfg: Config, replicas: int = 2, requests: int = 30) -> int:
                         description="always fails; retried once after 1 s")
     print(f"database: {cfg.safe_url}; starting {replicas} replicas")
     # DMS_FILE_ROOTS: file jobs may use only the demo's folder (they are refused until it is set).
-    env = dict(os.environ, DMS_DATABASE_URL=cfg.database_url, DMS_METRICS_PORT="0", SCHEDULER_POLL_INTERVAL="0.5",
+    env = dict(os.environ, DMS_DATABASE_URL=cfg.database_url, DMS_METRICS_PORT="0",
                SCHEDULER_MAX_WORKERS="2", DMS_LOG_LEVEL="WARNING", DMS_FILE_ROOTS=str(csv_folder))
     procs = [subprocess.Popen([sys.executable, "-m", "worker", "run", "--name", f"demo{i}"], env=env)
              for i in range(replicas)]
