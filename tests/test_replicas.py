@@ -341,6 +341,23 @@ def test_a_database_error_is_recorded_as_the_databases_own_words_on_one_line(eng
     assert "[SQL: SELECT no_such_column" in r.log(), "the statement is in the replica's log"
 
 
+def test_a_job_costs_at_most_one_log_record_at_info(engine, replicas):
+    """Issue 11.4: the replica and its execution processes log one INFO record per execution
+    (its end, with the outcome), not one per step."""
+    client.register_job(engine, "QUIET", "worker.jobs.builtin:noop", allow_overlap=True)
+    (r,) = replicas(1, DMS_LOG_LEVEL="INFO", **FAST)
+    r.wait_registered(engine)
+    before = len(r.log().splitlines())
+    rids = [client.enqueue(engine, "QUIET") for _ in range(30)]
+    wait_until(lambda: all(row(engine, rid)["status"] == s.DONE for rid in rids), 60, "the no-ops to run")
+    r.stop()
+    lines = r.log().splitlines()[before:]
+    per_job = {rid: [line for line in lines if rid in line] for rid in rids}
+    assert all(len(found) == 1 and " INFO " in found[0] for found in per_job.values()), per_job
+    shutdown = [line for line in lines if not any(rid in line for rid in rids)]
+    assert len(shutdown) <= 10, "no INFO record per job without its request id either:\n" + "\n".join(shutdown)
+
+
 def test_one_execution_per_mapref_across_replicas(engine, replicas):
     client.register_job(engine, "SOLO", "tests.handlers:record")
     client.register_job(engine, "MANY", "tests.handlers:record", allow_overlap=True)
