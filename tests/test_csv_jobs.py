@@ -411,6 +411,12 @@ def test_import_through_a_replica_records_rejects_and_counts(db, tmp_path, repli
             return
         assert final["status"] == s.DONE, final["result_payload"]
         assert json.loads(final["result_payload"])["result"] == {"rows": 3, "rejected": 3}
+        # What a DBA types (the README's example): the result is stored once, as JSON, not as a string.
+        rows_sql = {"postgresql": "SELECT result_payload::json->'result'->>'rows' FROM dms_prcreq WHERE request_id = :r",
+                    "sqlite": "SELECT json_extract(result_payload, '$.result.rows') FROM dms_prcreq WHERE request_id = :r",
+                    "oracle": "SELECT JSON_VALUE(result_payload, '$.result.rows') FROM dms_prcreq WHERE request_id = :r"}
+        with engine.connect() as conn:
+            assert str(conn.execute(sa.text(rows_sql[db.dialect]), {"r": rid}).scalar()) == "3"
         with engine.connect() as conn:
             prcid = conn.execute(sa.select(s.prclog.c.prcid).where(s.prclog.c.request_id == rid)).scalar_one()
             errs = conn.execute(sa.select(s.joberr.c.errtyp, s.joberr.c.keyvalue, s.joberr.c.errmsg)
