@@ -265,6 +265,26 @@ def test_status_after_every_replica_died_tells_the_truth(sqlite_url, tmp_path):
     assert status["now"].endswith("+00:00") and status["running"][0]["strtdt"].endswith("+00:00")
 
 
+def test_status_says_a_paused_jobs_requests_wait_for_the_resume(sqlite_url, tmp_path):
+    engine = sa.create_engine(sqlite_url)
+    try:
+        client.register_job(engine, "HOLD", "worker.jobs.builtin:noop")
+        client.register_job(engine, "GO", "worker.jobs.builtin:noop")
+        with engine.begin() as conn:
+            client.pause_job(conn, "HOLD")
+        for mapref in ("HOLD", "HOLD", "GO"):
+            client.enqueue(engine, mapref)
+    finally:
+        engine.dispose()
+    out = cli("status", "--database-url", sqlite_url, cwd=tmp_path).stdout
+    assert re.search(r"^\s+2\s+their job is paused \(DMS_JOB.paused = 'Y'\): they wait until it is resumed\s+\[HOLD 2\]",
+                     out, re.M), out
+    assert re.search(r"^\s+1\s+ready: waiting for a free execution slot\s+\[GO 1\]", out, re.M), out
+    status = json.loads(cli("status", "--json", "--database-url", sqlite_url, cwd=tmp_path).stdout)
+    assert {(w["reason"], w["mapref"]): w["count"] for w in status["waiting"]} == {("paused", "HOLD"): 2,
+                                                                                  ("ready", "GO"): 1}
+
+
 def test_status_names_the_leader_mode(pg_url, tmp_path):
     driver = make_driver(pg_url)
     with driver.begin() as conn:
