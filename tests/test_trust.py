@@ -281,12 +281,17 @@ def test_replicas_with_different_timings_never_run_a_request_twice(engine, start
 @pytest.mark.parametrize("cut_after", [b"UPDATE dms_jobsch", b"UPDATE dms_worker"])
 def test_a_leader_cut_off_mid_transaction_is_replaced(engine, start, pg_url, cut_after):
     client.register_job(engine, "TICK", "worker.jobs.builtin:noop", allow_overlap=True)
+    client.register_job(engine, "LONG", "worker.jobs.builtin:sleep", max_attempts=2)
     proxy = StallingProxy(sa.engine.make_url(pg_url).host or "127.0.0.1", sa.engine.make_url(pg_url).port or 5432)
     try:
         via_proxy = sa.engine.make_url(pg_url).set(host="127.0.0.1", port=proxy.port).render_as_string(False)
         leader = start("cutoff", url=via_proxy, DMS_LEADER_MODE="lease", **FAST)
         wid = leader.wait_registered(engine)
         wait_until(lambda: _holder(engine) == wid, 30, "the first replica to lead")
+        # A run of the victim's that is under way when the cut comes: it must be rescued and rerun.
+        long = client.enqueue(engine, "LONG", seconds=60)
+        wait_until(lambda: row(engine, long)["claimed_by"] == wid and row(engine, long)["status"] == s.PROCESSING,
+                   30, "the victim to be running the long request")
         follower = start("follower", DMS_LEADER_MODE="lease", **FAST)
         fid = follower.wait_registered(engine)
         with engine.begin() as conn:
@@ -306,6 +311,10 @@ def test_a_leader_cut_off_mid_transaction_is_replaced(engine, start, pg_url, cut
                     s.prcreq.c.claimed_by == fid)).scalar() >= 3
         wait_until(fresh_occurrences, 30, "the new leader to schedule and run occurrences")
         assert took < 20, f"leadership moved {took:.1f}s after the cut"
+        wait_until(lambda: row(engine, long)["claimed_by"] == fid, 30, "the victim's run to be rescued and rerun")
+        first = prclogs(engine, long)[0]
+        assert first.worker_id == wid and first.status == s.LOG_FAILED, first
+        assert "declared dead" not in follower.log(), "the healthy replica was never fenced off"
         follower.alive_or_fail()
     finally:
         proxy.close()
