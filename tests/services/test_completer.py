@@ -90,3 +90,38 @@ def test_a_transient_error_keeps_everything_for_the_next_attempt():
     d.poison = None
     c.tick(1.0)
     assert not c.pending()
+
+
+def test_on_sqlite_a_batch_writes_what_is_still_ours_and_reports_what_was_taken(lite):
+    """The same service on a real database: one batch finishes the requests, their DMS_PRCLOG
+    and DMS_JOBLOG rows, and leaves alone a request taken from this replica meanwhile."""
+    from worker import client
+    from worker import schema as s
+    from worker.drivers.base import ClaimParams, WorkerInfo
+
+    lite.worker_register(WorkerInfo("w", "h", 1, "t", 4))
+    client.register_job(lite.engine, "M", "worker.jobs.builtin:noop", allow_overlap=True)
+    for _ in range(3):
+        client.enqueue(lite.engine, "M")
+    claimed = lite.request_claim(ClaimParams("w", job_limit=3))
+    assert len(claimed) == 3
+    taken = claimed[0].request_id
+    with lite.begin() as conn:              # a rescuer's doing, while the outcomes wait in the buffer
+        conn.execute(sa.update(s.prcreq).where(s.prcreq.c.request_id == taken).values(status=s.NEW, claimed_by=None))
+    lost: list[str] = []
+    written: list[bool] = []
+    c = Completer(lite, window_s=0.01, on_lost=lost.append, on_written=lambda: written.append(True))
+    for r in claimed:
+        c.finish(ExecutionFinish(r.request_id, "w", r.prcid, "M", s.COMPLETED, msg="done", srcrows=2, trgrows=2,
+                                 request_status=s.DONE), 0.0)
+    c.tick(0.005)
+    assert not written, "nothing goes out before the window ends"
+    c.tick(0.01)
+    assert lost == [taken] and written and not c.pending()
+    with lite.engine.connect() as conn:
+        status = dict(conn.execute(sa.select(s.prcreq.c.request_id, s.prcreq.c.status)).all())
+        logs = dict(conn.execute(sa.select(s.prclog.c.request_id, s.prclog.c.status)).all())
+        counts = conn.execute(sa.select(s.joblog.c.srcrows, s.joblog.c.trgrows)).all()
+    assert status[taken] == s.NEW and logs[taken] == s.IN_PROGRESS, "the taken request is not touched"
+    assert all(status[r.request_id] == s.DONE and logs[r.request_id] == s.COMPLETED for r in claimed[1:])
+    assert [tuple(c) for c in counts] == [(2, 2), (2, 2)]
