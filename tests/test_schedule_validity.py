@@ -118,7 +118,18 @@ def _legacy_flag_row(driver, mapref: str, **flags) -> int:
     return jid
 
 
-def test_a_flag_left_from_before_the_checks_is_reported_not_read_as_disabled(driver, caplog):
+def _status_reasons(driver, cwd) -> dict[int, str]:
+    """What `dms-worker status --json` lists as invalid schedules, with their reasons."""
+    import json
+
+    from tests.test_cli import cli
+    url = driver.engine.url.render_as_string(hide_password=False)
+    proc = cli("status", "--json", "--database-url", url, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return {r["jobschid"]: r["invalid_reason"] for r in json.loads(proc.stdout)["invalid_schedules"]}
+
+
+def test_a_flag_left_from_before_the_checks_is_reported_not_read_as_disabled(driver, caplog, tmp_path):
     """Such a row cannot even be updated while the CHECK stands (PostgreSQL and Oracle check
     every UPDATE of it): the leader says why in its log, its counter and `status`, and goes on
     recording the other rows' reasons."""
@@ -138,11 +149,11 @@ def test_a_flag_left_from_before_the_checks_is_reported_not_read_as_disabled(dri
     logged = caplog.text
     assert f"schedule {odd_sch} (LEGACY) skipped: schflg = 'X' is neither 'Y' nor 'N'" in logged
     assert f"schedule {odd_cur} (LEGACY) skipped: curflg = 'y' is neither 'Y' nor 'N'" in logged
-    shown = {r["jobschid"]: r["invalid_reason"] for r in driver.cluster_status()["invalid_schedules"]}
+    shown = _status_reasons(driver, tmp_path)
     assert "schflg = 'X'" in shown[odd_sch] and "curflg = 'y'" in shown[odd_cur] and nojob in shown
     with driver.begin() as conn:               # the DBA's fix: the row leaves status at once
         conn.execute(sa.update(s.jobsch).where(s.jobsch.c.jobschid == odd_sch).values(schflg="N"))
-    assert odd_sch not in {r["jobschid"] for r in driver.cluster_status()["invalid_schedules"]}
+    assert odd_sch not in _status_reasons(driver, tmp_path)
 
 
 def _row(jobschid: int, parent: int | None = None) -> ScheduleRow:

@@ -527,6 +527,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     mode = cfg.leader_mode if cfg.leader_mode != "auto" else driver.default_leader_mode
     status = driver.cluster_status(rescue_after_s=cfg.rescue_after, leader_mode=mode)
     status["database"] = cfg.safe_url
+    from .schedule.calculus import flag_problem
+    for sch in status["invalid_schedules"]:
+        # Flags the CHECKs refuse: the leader cannot write its reason on such a row (the CHECK
+        # refuses the UPDATE), so the same words it logs are given here.
+        problem = flag_problem(sch.pop("schflg"), sch.pop("curflg"))
+        if problem is not None:
+            sch["invalid_reason"] = str(problem)
     if args.json:
         print(json.dumps(status, default=_utc, indent=2))
         return 0

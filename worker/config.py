@@ -157,8 +157,9 @@ def unknown_variable_warning(name: str) -> str:
     return f"unknown variable {name} is ignored{hint} (the variables are listed in README.md)"
 
 
-# Query parameters that carry secrets: psycopg and oracledb take `password=` there.
-_SECRET_QUERY = re.compile(r"pass|pwd|secret|token", re.I)
+# Names of values that carry secrets (URL query parameters: psycopg and oracledb take
+# `password=` there; keys of a job's params, as the console shows them).
+SECRET_NAME = re.compile(r"pass|pwd|secret|token", re.I)
 _MASK = "***"
 
 
@@ -174,7 +175,7 @@ def mask_url(url: str) -> str:
         return "<unparseable database URL>"
     if parsed.host and "@" in parsed.host:
         parsed = parsed.set(username=_MASK, password=None, host=parsed.host.rsplit("@", 1)[1])
-    query = {k: (_MASK if _SECRET_QUERY.search(k) else v) for k, v in parsed.query.items()}
+    query = {k: (_MASK if SECRET_NAME.search(k) else v) for k, v in parsed.query.items()}
     # render_as_string percent-encodes what it did not mask itself: show *** as ***.
     return parsed.set(query=query).render_as_string(hide_password=True).replace(quote(_MASK, safe=""), "***")
 

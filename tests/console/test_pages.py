@@ -229,6 +229,18 @@ def test_a_password_in_a_jobs_params_is_never_shown(console, driver):
     assert "etl:***@db.example/sales" in pages and "sales" in pages
 
 
+def test_a_hostile_jobs_params_cannot_break_the_job_pages(console, driver):
+    """Params nested 100,000 levels deep (issue 10.3) or holding NUL: the pages still render."""
+    client.register_job(driver.engine, "M_DEEP", "worker.jobs.builtin:noop")
+    client.register_job(driver.engine, "M_NUL", "worker.jobs.builtin:noop")
+    with driver.engine.begin() as conn:
+        conn.execute(sa.update(s.job).where(s.job.c.mapref == "M_DEEP").values(params="[" * 100_000 + "]" * 100_000))
+        conn.execute(sa.update(s.job).where(s.job.c.mapref == "M_NUL").values(params='{"path": "a\\u0000b"}'))
+    c = console()
+    for path in ("/jobs", "/jobs/M_DEEP", "/jobs/M_NUL", "/jobs?format=json", "/jobs/M_DEEP?format=json"):
+        assert c.get(path, headers=AUTH).status_code == 200, path
+
+
 def test_the_cluster_marks_dead_replicas_and_an_expired_leader(console, driver):
     now = driver.now()
     with driver.engine.begin() as conn:

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 
 from .. import schema as s
 from ..client import ACTIVE_STATUSES, clock
-from ..config import mask_url
+from ..config import SECRET_NAME, mask_url
 from ..drivers.base import LEADER_NAME
 from ..schedule.calculus import InvalidSchedule, occurrences, parse_schedule
 from .words import describe
@@ -314,7 +314,6 @@ def _local(value: datetime | None, zone: ZoneInfo) -> datetime | None:
 
 
 # -- jobs ----------------------------------------------------------------------------------------
-_SECRET_KEY = re.compile(r"pass|pwd|secret|token", re.I)
 _URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^/@\s\"]*?:)[^/\s\"]+@")
 
 
@@ -330,7 +329,7 @@ def shown_params(raw: str | None) -> str | None:
         if isinstance(value, list):
             return [hide(v) for v in value]
         if isinstance(value, str):
-            if _SECRET_KEY.search(key):
+            if SECRET_NAME.search(key):
                 return "***"
             if "://" in value:
                 masked = mask_url(value)

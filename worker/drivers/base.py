@@ -28,7 +28,6 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .. import schema as s
-from ..schedule.calculus import flag_problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1002,7 +1001,7 @@ class SQLDriver:
             "waiting": [{"reason": reason, "mapref": mapref, "count": int(n)} for reason, mapref, n in waiting],
             "running": [dict(r, age_s=seconds(now, r["strtdt"]), orphaned=r["worker_id"] not in alive)
                         for r in running],
-            "invalid_schedules": [_invalid_schedule(r) for r in invalid],
+            "invalid_schedules": [dict(r) for r in invalid],
             "recent_failures": [dict(r) for r in failures],
         }
 
@@ -1050,16 +1049,6 @@ class SQLDriver:
                     values["nxt_run_dt"] = None
                 conn.execute(sa.update(s.jobsch).where(j.jobschid == jobschid).values(**values))
         return True
-
-
-def _invalid_schedule(row: Any) -> dict[str, Any]:
-    """A status line's schedule: the leader's reason, or for flags the CHECKs refuse (which the
-    leader cannot write on the row, since the CHECK refuses the UPDATE) the same words it logs."""
-    out = {k: row[k] for k in ("jobschid", "mapref", "frqcd", "dpnd_jobschid", "invalid_reason")}
-    problem = flag_problem(row["schflg"], row["curflg"])
-    if problem is not None:
-        out["invalid_reason"] = str(problem)
-    return out
 
 
 class Listener:
